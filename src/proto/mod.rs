@@ -1,0 +1,18 @@
+//! The sans-IO core: frame codec, frame decoder, channel table, outbound queue.
+//!
+//! Nothing here opens a socket, spawns a thread, takes a lock or reads the
+//! clock: inputs are bytes, ids and `Instant`s handed in, outputs are values
+//! handed back. The transport (`crate::transport`) drives it.
+
+mod channels;
+mod framer;
+mod outbound;
+mod streamer;
+
+pub use channels::{ChannelPool, Ready, MAX_PENDING};
+pub use framer::{FrameDecoder, DEFAULT_READ_CHUNK};
+pub use outbound::WriteQueue;
+pub use streamer::{
+    DefaultStreamer, FrameError, FrameHeader, PacketStreamer, Parse, DEFAULT_FLAG,
+    DEFAULT_MAX_BODY_LEN, HEADER_LEN,
+};

@@ -1,0 +1,224 @@
+//! A connection's outbound bytes: frames queued for vectored writes.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::streamer::PacketStreamer;
+use crate::packet::Packet;
+
+/// Bodies up to this size are copied next to their header (one iovec for
+/// many small frames); larger ones are queued as their own `Bytes`, uncopied.
+const COPY_MAX: usize = 2048;
+
+/// Encoded frames waiting to be written, as a list of byte chunks.
+///
+/// Headers and small bodies are packed into a shared tail buffer; large
+/// bodies are queued by reference. [`io_slices`](Self::io_slices) lists the
+/// chunks for one `write_vectored` call and [`advance`](Self::advance)
+/// consumes what the socket took.
+///
+/// # Examples
+/// ```
+/// use std::io::{IoSlice, Write};
+/// use tbnet::proto::{DefaultStreamer, WriteQueue};
+/// use tbnet::Packet;
+///
+/// let mut queue = WriteQueue::new();
+/// queue.push(&DefaultStreamer::new(), &Packet::new(1, vec![0u8; 10_000]));
+/// assert_eq!(queue.len(), 16 + 10_000);
+///
+/// let mut socket = Vec::new();
+/// while !queue.is_empty() {
+///     let mut slices = [IoSlice::new(&[]); 8];
+///     let n = queue.io_slices(&mut slices);
+///     let written = socket.write_vectored(&slices[..n]).unwrap();
+///     queue.advance(written);
+/// }
+/// assert_eq!(socket.len(), 16 + 10_000);
+/// ```
+#[derive(Debug, Default)]
+pub struct WriteQueue {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    len: usize,
+}
+
+impl WriteQueue {
+    /// An empty queue; allocates nothing until the first push.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Encodes `packet` at the end of the queue.
+    pub fn push<S: PacketStreamer + ?Sized>(&mut self, streamer: &S, packet: &Packet) {
+        let before = self.tail.len();
+        streamer.encode_header(packet, &mut self.tail);
+        self.len += self.tail.len() - before;
+        let body = packet.body();
+        if body.len() <= COPY_MAX {
+            self.tail.extend_from_slice(body);
+        } else {
+            self.seal_tail();
+            self.chunks.push_back(body.clone());
+        }
+        self.len += body.len();
+    }
+
+    /// Moves everything queued in `other` to the end of this queue, leaving
+    /// `other` empty (with its spare capacity kept for reuse).
+    pub fn append(&mut self, other: &mut WriteQueue) {
+        if other.is_empty() {
+            return;
+        }
+        self.seal_tail();
+        self.chunks.append(&mut other.chunks);
+        if !other.tail.is_empty() {
+            self.chunks.push_back(other.tail.split().freeze());
+        }
+        self.len += other.len;
+        other.len = 0;
+    }
+
+    /// Fills `dst` with the queued chunks, in order; returns how many slices
+    /// were filled.
+    pub fn io_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
+        let chunks = self.chunks.iter().map(|c| &c[..]).chain(tail);
+        let mut n = 0;
+        for (slot, chunk) in dst.iter_mut().zip(chunks) {
+            *slot = IoSlice::new(chunk);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops the first `n` queued bytes (what a write took).
+    ///
+    /// # Panics
+    /// If `n` exceeds [`len`](Self::len).
+    pub fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.len, "advance past the end of the write queue");
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                self.tail.advance(n);
+                break;
+            };
+            if n < front.len() {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+        }
+        if self.len == 0 {
+            // Reuse the tail's allocation from its start when it is ours alone.
+            self.tail.clear();
+        }
+    }
+
+    /// Moves the tail's bytes into the chunk list so later bytes go after them.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{DefaultStreamer, FrameDecoder};
+    use proptest::prelude::*;
+
+    fn flush(queue: &mut WriteQueue, max_slices: usize, max_write: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while !queue.is_empty() {
+            let mut slices = vec![IoSlice::new(&[]); max_slices];
+            let n = queue.io_slices(&mut slices);
+            let mut budget = max_write;
+            let mut written = 0;
+            for s in &slices[..n] {
+                let take = s.len().min(budget);
+                out.extend_from_slice(&s[..take]);
+                written += take;
+                budget -= take;
+            }
+            queue.advance(written);
+        }
+        out
+    }
+
+    #[test]
+    fn large_bodies_are_queued_by_reference() {
+        let body = Bytes::from(vec![5u8; 100_000]);
+        let mut q = WriteQueue::new();
+        q.push(&DefaultStreamer::new(), &Packet::new(1, body.clone()));
+        let mut slices = [IoSlice::new(&[]); 4];
+        assert_eq!(q.io_slices(&mut slices), 2);
+        assert_eq!(slices[1].as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn small_frames_share_one_slice() {
+        let mut q = WriteQueue::new();
+        for _ in 0..100 {
+            q.push(&DefaultStreamer::new(), &Packet::new(1, "tiny"));
+        }
+        let mut slices = [IoSlice::new(&[]); 4];
+        assert_eq!(q.io_slices(&mut slices), 1);
+        assert_eq!(slices[0].len(), 100 * 20);
+    }
+
+    #[test]
+    #[should_panic(expected = "advance past the end")]
+    fn advancing_too_far_panics() {
+        let mut q = WriteQueue::new();
+        q.push(&DefaultStreamer::new(), &Packet::new(1, "x"));
+        q.advance(18);
+    }
+
+    proptest! {
+        #[test]
+        fn partial_writes_reassemble_to_the_same_frames(
+            sizes in prop::collection::vec(0usize..6000, 0..12),
+            max_slices in 1usize..5,
+            max_write in 1usize..9000,
+            split_at in 0usize..12,
+        ) {
+            let s = DefaultStreamer::new();
+            let packets: Vec<Packet> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Packet::new(i as i32, vec![i as u8; n]))
+                .collect();
+            let mut q = WriteQueue::new();
+            let mut other = WriteQueue::new();
+            for (i, p) in packets.iter().enumerate() {
+                if i < split_at { q.push(&s, p) } else { other.push(&s, p) }
+            }
+            q.append(&mut other);
+            prop_assert!(other.is_empty());
+            let wire = flush(&mut q, max_slices, max_write);
+            let mut d = FrameDecoder::new();
+            d.extend_from_slice(&wire);
+            let mut out = Vec::new();
+            while let Some(p) = d.next_packet(&s).unwrap() {
+                out.push(p);
+            }
+            prop_assert_eq!(out, packets);
+        }
+    }
+}
