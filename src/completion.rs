@@ -81,6 +81,14 @@ impl Completion {
     pub fn is_callback(&self) -> bool {
         matches!(self.kind, Some(Kind::Callback(_)))
     }
+
+    /// Drops the completion without an outcome: the submission it belonged
+    /// to was refused, and the caller learns that from the refusal itself.
+    pub(crate) fn disarm(mut self) {
+        if let Some(Kind::Wait { shared, index }) = self.kind.take() {
+            shared.abandon(index);
+        }
+    }
 }
 
 impl Drop for Completion {
@@ -168,6 +176,15 @@ enum Slot {
 }
 
 impl WaitShared {
+    /// Forgets slot `index`: its request was never sent.
+    fn abandon(&self, index: usize) {
+        let mut state = self.state.lock();
+        if matches!(state.slots[index], Slot::Pending) {
+            state.slots[index] = Slot::Taken;
+            state.pending -= 1;
+        }
+    }
+
     fn fire(&self, index: usize, result: Result<Packet, Error>) {
         {
             let mut state = self.state.lock();

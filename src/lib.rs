@@ -93,16 +93,25 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
+mod client;
 mod completion;
 mod error;
 mod packet;
 pub mod proto;
+mod server;
 mod sync;
+mod transport;
 
+pub use client::{ConnectionManager, ServerId, DEFAULT_QUEUE_LIMIT, DEFAULT_TIMEOUT};
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
 pub use error::{Error, SendError};
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
+pub use server::{Dispatch, Responder, ServerAdaptor};
+pub use transport::{StatsSnapshot, Transport, TransportBuilder};
+
+/// tbnet's name for [`ServerAdaptor`].
+pub use server::ServerAdaptor as IServerAdaptor;
 
 /// tbnet's name for [`PacketHandler`].
 pub use completion::PacketHandler as IPacketHandler;

@@ -1,0 +1,332 @@
+//! The client side: connections reused per server, and the four ways to
+//! send.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::completion::{CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject};
+use crate::error::{Error, SendError};
+use crate::packet::{ChannelId, Packet};
+use crate::sync::Mutex;
+use crate::transport::{Command, Conn, Rejected, Side, Transport};
+
+/// Default limit of requests pending on one connection (tbnet's
+/// ConnectionManager default).
+pub const DEFAULT_QUEUE_LIMIT: usize = 256;
+
+/// Default request timeout (tbnet's per-connection queue timeout).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// tbnet's `u64` server id: `port << 32 | ipv4`, the address's four octets
+/// in the low 32 bits first octet lowest (what tbnet computes from
+/// `inet_addr` on little-endian hosts).
+///
+/// # Examples
+/// ```
+/// use std::net::SocketAddr;
+/// use tbnet::ServerId;
+///
+/// let addr: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+/// let id = ServerId::try_from(addr).unwrap();
+/// assert_eq!(id.0, (5000u64 << 32) | 0x0100_000A);
+/// assert_eq!(SocketAddr::from(id), addr);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServerId(pub u64);
+
+impl From<ServerId> for SocketAddr {
+    fn from(id: ServerId) -> Self {
+        let ip = (id.0 & 0xFFFF_FFFF) as u32;
+        let port = (id.0 >> 32) as u16;
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip.to_le_bytes()), port))
+    }
+}
+
+impl From<SocketAddrV4> for ServerId {
+    fn from(addr: SocketAddrV4) -> Self {
+        let ip = u32::from_le_bytes(addr.ip().octets());
+        ServerId((u64::from(addr.port()) << 32) | u64::from(ip))
+    }
+}
+
+impl TryFrom<SocketAddr> for ServerId {
+    type Error = SocketAddr;
+
+    /// IPv6 addresses have no tbnet server id: they are handed back.
+    fn try_from(addr: SocketAddr) -> Result<Self, SocketAddr> {
+        match addr {
+            SocketAddr::V4(v4) => Ok(v4.into()),
+            SocketAddr::V6(_) => Err(addr),
+        }
+    }
+}
+
+/// Connections to servers, opened on first use and reused (tbnet's
+/// `ConnectionManager`).
+///
+/// One connection per server address carries every request to it, so
+/// requests from many threads share it. A connection that closes fails its
+/// pending requests with [`Error::Disconnected`]; the next request to that
+/// server opens a new one.
+///
+/// Outcomes reach the caller one of four ways: [`call`](Self::call) blocks,
+/// [`send`](Self::send) runs a callback on a worker thread,
+/// [`call_async`](Self::call_async) returns a future,
+/// [`send_wait`](Self::send_wait) gathers several on a [`WaitObject`].
+/// [`post`](Self::post) sends one-way.
+///
+/// # Examples
+/// ```
+/// use tbnet::{ConnectionManager, Packet, Responder, Transport, WaitObject};
+///
+/// let transport = Transport::builder().start()?;
+/// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+///     let _ = resp.reply(req.reply(req.body().clone()));
+/// })?;
+/// let client = ConnectionManager::new(&transport);
+///
+/// // Fan out three requests, then wait for all of them.
+/// let mut wait = WaitObject::new();
+/// for key in ["a", "b", "c"] {
+///     client.send_wait(addr, Packet::new(1, key), None, &mut wait).unwrap();
+/// }
+/// let bodies: Vec<_> = wait.wait_all().into_iter().map(|r| r.unwrap().into_body()).collect();
+/// assert_eq!(bodies, ["a", "b", "c"]);
+/// # Ok::<(), tbnet::Error>(())
+/// ```
+pub struct ConnectionManager {
+    transport: Transport,
+    conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+    queue_limit: usize,
+    default_timeout: Duration,
+}
+
+impl fmt::Debug for ConnectionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionManager")
+            .field("connections", &self.conns.lock().len())
+            .field("queue_limit", &self.queue_limit)
+            .field("default_timeout", &self.default_timeout)
+            .finish()
+    }
+}
+
+impl ConnectionManager {
+    /// A manager on `transport` with a queue limit of
+    /// [`DEFAULT_QUEUE_LIMIT`] (256) requests per connection and a default
+    /// timeout of [`DEFAULT_TIMEOUT`] (5 s).
+    pub fn new(transport: &Transport) -> Self {
+        ConnectionManager {
+            transport: transport.clone(),
+            conns: Mutex::new(HashMap::new()),
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            default_timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Limits the requests pending on one connection (clamped to
+    /// `1..=`[`MAX_PENDING`](crate::proto::MAX_PENDING)); past it,
+    /// submissions fail with [`Error::QueueFull`]. Applies to connections
+    /// opened afterwards.
+    pub fn with_queue_limit(mut self, limit: usize) -> Self {
+        self.queue_limit = limit.clamp(1, crate::proto::MAX_PENDING);
+        self
+    }
+
+    /// The timeout used when a call passes `None`.
+    pub fn with_default_timeout(mut self, timeout: Duration) -> Self {
+        self.default_timeout = timeout;
+        self
+    }
+
+    /// The per-connection queue limit.
+    pub fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
+    /// The timeout used when a call passes `None`.
+    pub fn default_timeout(&self) -> Duration {
+        self.default_timeout
+    }
+
+    /// Sends `request` and blocks until its response, its timeout
+    /// (`None`: the default), the loss of its connection, or shutdown.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], [`Error::Disconnected`], [`Error::Shutdown`], or
+    /// [`Error::QueueFull`] if the connection has too many requests pending.
+    pub fn call(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: Packet,
+        timeout: Option<Duration>,
+    ) -> Result<Packet, Error> {
+        let mut wait = WaitObject::new();
+        let completion = wait.completion();
+        self.submit(server.into(), request, timeout, completion)
+            .map_err(SendError::into_parts)
+            .map_err(|(error, _)| error)?;
+        match wait.wait_any() {
+            Some((_, result)) => result,
+            None => Err(Error::Shutdown),
+        }
+    }
+
+    /// Sends `request`; `handler` runs once with the outcome, on a worker
+    /// thread of the transport (never on the IO or timeout thread, so a slow
+    /// callback delays only other callbacks).
+    ///
+    /// # Errors
+    /// The request handed back if it could not be queued
+    /// ([`Error::QueueFull`], [`Error::Shutdown`], ...); the handler then
+    /// does not run.
+    pub fn send<H: PacketHandler>(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: Packet,
+        timeout: Option<Duration>,
+        handler: H,
+    ) -> Result<(), SendError<Packet>> {
+        self.submit(
+            server.into(),
+            request,
+            timeout,
+            Completion::callback(handler),
+        )
+        .map(drop)
+    }
+
+    /// Sends `request` and returns a future of its outcome, usable on any
+    /// executor. Dropping the future cancels the request.
+    ///
+    /// # Errors
+    /// The request handed back if it could not be queued.
+    pub fn call_async(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: Packet,
+        timeout: Option<Duration>,
+    ) -> Result<ResponseFuture, SendError<Packet>> {
+        let (mut future, completion) = ResponseFuture::new();
+        let (conn, id) = self.submit(server.into(), request, timeout, completion)?;
+        future.attach_cancel(CancelHandle::new(conn, id));
+        Ok(future)
+    }
+
+    /// Sends `request` with its outcome gathered on `wait`; returns its
+    /// index there. Dropping `wait` cancels the requests still pending.
+    ///
+    /// # Errors
+    /// The request handed back if it could not be queued (nothing is then
+    /// registered on `wait`).
+    pub fn send_wait(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: Packet,
+        timeout: Option<Duration>,
+        wait: &mut WaitObject,
+    ) -> Result<usize, SendError<Packet>> {
+        let completion = wait.completion();
+        let index = wait.registered() - 1;
+        let (conn, id) = self.submit(server.into(), request, timeout, completion)?;
+        wait.attach_cancel(index, CancelHandle::new(conn, id));
+        Ok(index)
+    }
+
+    /// Sends `message` one-way: channel id 0, no response expected, nothing
+    /// pending.
+    ///
+    /// # Errors
+    /// The message handed back if the connection is closed or the
+    /// transport stopped.
+    pub fn post(
+        &self,
+        server: impl Into<SocketAddr>,
+        mut message: Packet,
+    ) -> Result<(), SendError<Packet>> {
+        message.set_channel_id(ChannelId::NONE);
+        let server = server.into();
+        let conn = match self.conn(server) {
+            Ok(conn) => conn,
+            Err(error) => return Err(SendError::new(error, message)),
+        };
+        conn.send_frame(message)
+    }
+
+    /// Connections currently held (open or connecting).
+    pub fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .values()
+            .filter(|c| !c.is_closed())
+            .count()
+    }
+
+    fn submit(
+        &self,
+        server: SocketAddr,
+        request: Packet,
+        timeout: Option<Duration>,
+        completion: Completion,
+    ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
+        let deadline = Instant::now() + timeout.unwrap_or(self.default_timeout);
+        let mut request = request;
+        let mut completion = completion;
+        // A connection can close between lookup and submit: then one retry
+        // on a fresh connection.
+        for attempt in 0..2 {
+            let conn = match self.conn(server) {
+                Ok(conn) => conn,
+                Err(error) => {
+                    completion.disarm();
+                    return Err(SendError::new(error, request));
+                }
+            };
+            match conn.submit(request, deadline, completion) {
+                Ok(id) => return Ok((conn, id)),
+                Err(Rejected {
+                    error: Error::Disconnected,
+                    packet,
+                    completion: back,
+                }) if attempt == 0 => {
+                    request = packet;
+                    completion = back;
+                }
+                Err(rejected) => {
+                    rejected.completion.disarm();
+                    return Err(SendError::new(rejected.error, rejected.packet));
+                }
+            }
+        }
+        unreachable!("the second attempt always returns")
+    }
+
+    /// The open (or opening) connection to `server`, opening one if needed.
+    fn conn(&self, server: SocketAddr) -> Result<Arc<Conn>, Error> {
+        let shared = self.transport.shared();
+        if shared.is_stopping() {
+            return Err(Error::Shutdown);
+        }
+        let mut conns = self.conns.lock();
+        if let Some(conn) = conns.get(&server) {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = Arc::new(Conn::new(
+            shared.clone(),
+            server,
+            Side::Client,
+            self.queue_limit,
+        ));
+        // Queued before anyone else can see the connection, so the IO thread
+        // always registers it before flushing it.
+        shared.command(Command::Connect(conn.clone()));
+        conns.insert(server, conn.clone());
+        tracing::debug!(%server, "opening connection");
+        Ok(conn)
+    }
+}

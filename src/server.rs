@@ -1,0 +1,142 @@
+//! The server side: adaptors that handle requests, and responders that
+//! answer them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::error::SendError;
+use crate::packet::{ChannelId, Packet};
+use crate::transport::Conn;
+
+/// Handles the requests arriving on a listener (tbnet's `IServerAdaptor`).
+///
+/// Implemented for every `Fn(Packet, Responder) + Send + Sync + 'static`
+/// closure.
+///
+/// # Threads
+/// With [`Dispatch::Workers`] (the default) it runs on a worker thread and
+/// may block. With [`Dispatch::IoThread`] it runs on the IO thread and must
+/// not block: every connection of the transport waits while it runs (hand
+/// slow work to another thread and reply from there). A panic in a handler
+/// is caught and logged; its request is left unanswered.
+///
+/// # Examples
+/// ```
+/// use tbnet::{Packet, Responder, ServerAdaptor};
+///
+/// struct Echo;
+///
+/// impl ServerAdaptor for Echo {
+///     fn handle_packet(&self, request: Packet, responder: Responder) {
+///         let response = request.reply(request.body().clone());
+///         let _ = responder.reply(response);
+///     }
+/// }
+/// ```
+pub trait ServerAdaptor: Send + Sync + 'static {
+    /// Handles one request. Reply through `responder`, now or later from
+    /// any thread; dropping it without replying leaves the request
+    /// unanswered (the client's deadline then ends it).
+    fn handle_packet(&self, request: Packet, responder: Responder);
+}
+
+impl<F> ServerAdaptor for F
+where
+    F: Fn(Packet, Responder) + Send + Sync + 'static,
+{
+    fn handle_packet(&self, request: Packet, responder: Responder) {
+        self(request, responder)
+    }
+}
+
+/// Where a listener's requests are handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// On the IO thread, as soon as decoded: the fastest path, for handlers
+    /// that never block.
+    IoThread,
+    /// On the worker pool, through a bounded queue; when it is full the IO
+    /// thread stops reading until there is room (TCP pushes back on clients).
+    #[default]
+    Workers,
+}
+
+/// The way back to the client for one request: reply once, now or later,
+/// from any thread.
+///
+/// A request that arrived with channel id 0 is one-way (tbnet peers never
+/// send it; this crate's [`post`](crate::ConnectionManager::post) does):
+/// its responder discards any reply.
+pub struct Responder {
+    conn: Arc<Conn>,
+    channel_id: ChannelId,
+    replied: bool,
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("peer", &self.conn.peer())
+            .field("channel_id", &self.channel_id)
+            .finish()
+    }
+}
+
+impl Responder {
+    pub(crate) fn new(conn: Arc<Conn>, channel_id: ChannelId) -> Self {
+        Responder {
+            conn,
+            channel_id,
+            replied: false,
+        }
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.conn.peer()
+    }
+
+    /// The request's channel id, which the reply carries back.
+    pub fn channel_id(&self) -> ChannelId {
+        self.channel_id
+    }
+
+    /// Whether the request was one-way (channel id 0): no reply is sent.
+    pub fn is_one_way(&self) -> bool {
+        self.channel_id.is_none()
+    }
+
+    /// Sends `response` to the client with the request's channel id (the
+    /// packet's own channel id is overwritten). Replies may leave in any
+    /// order relative to other requests.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] (or [`Error::Shutdown`]) with the packet
+    /// handed back if the connection closed meanwhile; the reply is counted
+    /// in [`StatsSnapshot::replies_dropped`](crate::StatsSnapshot::replies_dropped).
+    pub fn reply(mut self, mut response: Packet) -> Result<(), SendError<Packet>> {
+        self.replied = true;
+        if self.channel_id.is_none() {
+            tracing::debug!(peer = %self.conn.peer(), "reply to a one-way request discarded");
+            return Ok(());
+        }
+        response.set_channel_id(self.channel_id);
+        self.conn.send_frame(response).inspect_err(|_| {
+            self.conn.shared.stats.reply_dropped();
+        })
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.replied && !self.channel_id.is_none() {
+            tracing::debug!(
+                peer = %self.conn.peer(),
+                channel_id = %self.channel_id,
+                "request dropped without a reply"
+            );
+        }
+    }
+}

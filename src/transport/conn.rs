@@ -1,0 +1,268 @@
+//! A connection's state shared between the IO thread and everyone else.
+//!
+//! Callers and workers queue frames and register requests here under one
+//! short lock; only the IO thread touches the socket, which it keeps in its
+//! own table. Holding an `Arc<Conn>` (as a `Responder` does) names exactly
+//! one connection: a reply for a connection that closed is dropped and
+//! counted, never written to a newer connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::completion::{Cancel, Completion};
+use crate::error::{Error, SendError};
+use crate::packet::{ChannelId, Packet};
+use crate::proto::{ChannelPool, Ready, WriteQueue};
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
+
+use super::{Command, Shared};
+
+/// The IO thread has not registered the connection yet.
+pub(crate) const NO_TOKEN: usize = usize::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+#[derive(Debug)]
+pub(crate) enum Status {
+    Connecting,
+    Open,
+    /// Closed; submissions fail with this error.
+    Closed(Error),
+}
+
+pub(crate) struct ConnState {
+    pool: ChannelPool,
+    out: WriteQueue,
+    status: Status,
+    /// Earliest deadline registered with the timer for this connection.
+    timer_at: Option<Instant>,
+}
+
+/// A submission the connection refused, with everything handed back.
+pub(crate) struct Rejected {
+    pub(crate) error: Error,
+    pub(crate) packet: Packet,
+    pub(crate) completion: Completion,
+}
+
+pub(crate) struct Conn {
+    peer: SocketAddr,
+    side: Side,
+    pub(crate) shared: Arc<Shared>,
+    state: Mutex<ConnState>,
+    flush_scheduled: AtomicBool,
+    token: AtomicUsize,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        side: Side,
+        queue_limit: usize,
+    ) -> Self {
+        let status = match side {
+            Side::Client => Status::Connecting,
+            Side::Server => Status::Open,
+        };
+        Conn {
+            peer,
+            side,
+            shared,
+            state: Mutex::new(ConnState {
+                pool: ChannelPool::new(queue_limit),
+                out: WriteQueue::new(),
+                status,
+                timer_at: None,
+            }),
+            flush_scheduled: AtomicBool::new(false),
+            token: AtomicUsize::new(NO_TOKEN),
+        }
+    }
+
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub(crate) fn side(&self) -> Side {
+        self.side
+    }
+
+    pub(crate) fn token(&self) -> usize {
+        self.token.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_token(&self, token: usize) {
+        self.token.store(token, Ordering::Release);
+    }
+
+    /// Whether submissions would fail (the connection closed).
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state.lock().status, Status::Closed(_))
+    }
+
+    pub(crate) fn is_connecting(&self) -> bool {
+        matches!(self.state.lock().status, Status::Connecting)
+    }
+
+    pub(crate) fn mark_open(&self) {
+        let mut state = self.state.lock();
+        if matches!(state.status, Status::Connecting) {
+            state.status = Status::Open;
+        }
+    }
+
+    /// Registers a request and queues its frame. The request's channel id is
+    /// set here.
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        mut packet: Packet,
+        deadline: Instant,
+        completion: Completion,
+    ) -> Result<ChannelId, Rejected> {
+        let register = {
+            let mut state = self.state.lock();
+            if let Status::Closed(error) = &state.status {
+                let error = error.clone();
+                return Err(Rejected {
+                    error,
+                    packet,
+                    completion,
+                });
+            }
+            let id = match state.pool.allocate(completion, deadline) {
+                Ok(id) => id,
+                Err(completion) => {
+                    return Err(Rejected {
+                        error: Error::QueueFull,
+                        packet,
+                        completion,
+                    })
+                }
+            };
+            packet.set_channel_id(id);
+            state.out.push(&*self.shared.streamer, &packet);
+            let register = state.timer_at.map_or(true, |at| deadline < at);
+            if register {
+                state.timer_at = Some(deadline);
+            }
+            (id, register)
+        };
+        let (id, register) = register;
+        self.shared.stats.pending_added();
+        self.shared.stats.packet_out();
+        if register {
+            self.shared.timer.register(deadline, self.clone());
+        }
+        self.schedule_flush();
+        Ok(id)
+    }
+
+    /// Queues a frame that expects no response (channel id as given).
+    pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        {
+            let mut state = self.state.lock();
+            if let Status::Closed(error) = &state.status {
+                let error = error.clone();
+                drop(state);
+                return Err(SendError::new(error, packet));
+            }
+            state.out.push(&*self.shared.streamer, &packet);
+        }
+        self.shared.stats.packet_out();
+        self.schedule_flush();
+        Ok(())
+    }
+
+    /// Asks the IO thread to write this connection's queue, unless a request
+    /// to do so is already on its way.
+    pub(crate) fn schedule_flush(self: &Arc<Self>) {
+        if !self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            self.shared.command(Command::Flush(self.clone()));
+        }
+    }
+
+    /// IO thread: moves queued frames into its own write queue.
+    pub(crate) fn take_output(&self, into: &mut WriteQueue) {
+        // Clear first: a frame queued after the take schedules a new flush.
+        self.flush_scheduled.store(false, Ordering::Release);
+        into.append(&mut self.state.lock().out);
+    }
+
+    /// IO thread: matches responses to pending requests. Responses that
+    /// match nothing are counted and dropped.
+    pub(crate) fn complete_responses(&self, responses: &mut Vec<Packet>, out: &mut Vec<Ready>) {
+        let before = out.len();
+        let mut late = 0;
+        {
+            let mut state = self.state.lock();
+            for response in responses.drain(..) {
+                match state.pool.complete(response.channel_id(), response) {
+                    Some(ready) => out.push(ready),
+                    None => late += 1,
+                }
+            }
+        }
+        self.shared.stats.pending_removed(out.len() - before);
+        for _ in 0..late {
+            self.shared.stats.late_response();
+        }
+        if late > 0 {
+            tracing::debug!(peer = %self.peer, late, "dropped responses matching no pending request");
+        }
+    }
+
+    /// Timer thread: removes expired requests; returns the next deadline.
+    pub(crate) fn expire(&self, now: Instant, out: &mut Vec<Ready>) -> Option<Instant> {
+        let (expired, next) = {
+            let mut state = self.state.lock();
+            let expired = state.pool.expire(now, out);
+            let next = state.pool.next_deadline();
+            state.timer_at = next;
+            (expired, next)
+        };
+        if expired > 0 {
+            self.shared.stats.pending_removed(expired);
+            self.shared.stats.timed_out(expired);
+        }
+        next
+    }
+
+    /// Marks the connection closed and fails its pending requests: with
+    /// `Shutdown` if `error` is `Shutdown`, else with `Disconnected`.
+    /// Returns false if it was closed already.
+    pub(crate) fn close(&self, error: Error, out: &mut Vec<Ready>) -> bool {
+        let request_error = match error {
+            Error::Shutdown => Error::Shutdown,
+            _ => Error::Disconnected,
+        };
+        let before = out.len();
+        {
+            let mut state = self.state.lock();
+            if matches!(state.status, Status::Closed(_)) {
+                return false;
+            }
+            state.status = Status::Closed(request_error.clone());
+            state.pool.fail_all(&request_error, out);
+            state.out = WriteQueue::new();
+            state.timer_at = None;
+        }
+        self.shared.stats.pending_removed(out.len() - before);
+        true
+    }
+}
+
+impl Cancel for Conn {
+    fn cancel(&self, id: ChannelId) {
+        let ready = self.state.lock().pool.cancel(id);
+        if let Some(ready) = ready {
+            self.shared.stats.pending_removed(1);
+            self.shared.deliver(ready);
+        }
+    }
+}

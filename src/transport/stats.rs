@@ -1,0 +1,137 @@
+//! Counters readable from a running transport.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// Counters written mostly by one thread, kept on their own cache line so
+/// writers on different threads do not contend for it.
+#[repr(align(64))]
+struct Line<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Line<N> {
+    fn default() -> Self {
+        Line(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Line<N> {
+    fn add(&self, i: usize, n: u64) {
+        self.0[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, i: usize, n: u64) {
+        self.0[i].fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        self.0[i].load(Ordering::Relaxed)
+    }
+}
+
+// IO thread counters.
+const PACKETS_IN: usize = 0;
+const BYTES_IN: usize = 1;
+const BYTES_OUT: usize = 2;
+const CONNECTIONS: usize = 3;
+const CONNECTIONS_TOTAL: usize = 4;
+const LATE_RESPONSES: usize = 5;
+const BAD_FRAMES: usize = 6;
+
+// Caller, worker and timer counters.
+const PACKETS_OUT: usize = 0;
+const PENDING: usize = 1;
+const TIMEOUTS: usize = 2;
+const REPLIES_DROPPED: usize = 3;
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    io: Line<7>,
+    callers: Line<4>,
+}
+
+impl Stats {
+    pub(crate) fn packets_in(&self, n: usize) {
+        self.io.add(PACKETS_IN, n as u64);
+    }
+    pub(crate) fn bytes_in(&self, n: u64) {
+        self.io.add(BYTES_IN, n);
+    }
+    pub(crate) fn bytes_out(&self, n: u64) {
+        self.io.add(BYTES_OUT, n);
+    }
+    pub(crate) fn connection_opened(&self) {
+        self.io.add(CONNECTIONS, 1);
+        self.io.add(CONNECTIONS_TOTAL, 1);
+    }
+    pub(crate) fn connection_closed(&self) {
+        self.io.sub(CONNECTIONS, 1);
+    }
+    pub(crate) fn late_response(&self) {
+        self.io.add(LATE_RESPONSES, 1);
+    }
+    pub(crate) fn bad_frame(&self) {
+        self.io.add(BAD_FRAMES, 1);
+    }
+    pub(crate) fn packet_out(&self) {
+        self.callers.add(PACKETS_OUT, 1);
+    }
+    pub(crate) fn pending_added(&self) {
+        self.callers.add(PENDING, 1);
+    }
+    pub(crate) fn pending_removed(&self, n: usize) {
+        self.callers.sub(PENDING, n as u64);
+    }
+    pub(crate) fn timed_out(&self, n: usize) {
+        self.callers.add(TIMEOUTS, n as u64);
+    }
+    pub(crate) fn reply_dropped(&self) {
+        self.callers.add(REPLIES_DROPPED, 1);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            packets_in: self.io.get(PACKETS_IN),
+            packets_out: self.callers.get(PACKETS_OUT),
+            bytes_in: self.io.get(BYTES_IN),
+            bytes_out: self.io.get(BYTES_OUT),
+            connections: self.io.get(CONNECTIONS),
+            connections_total: self.io.get(CONNECTIONS_TOTAL),
+            pending: self.callers.get(PENDING),
+            timeouts: self.callers.get(TIMEOUTS),
+            late_responses: self.io.get(LATE_RESPONSES),
+            replies_dropped: self.callers.get(REPLIES_DROPPED),
+            bad_frames: self.io.get(BAD_FRAMES),
+            worker_queue: 0,
+        }
+    }
+}
+
+/// A point-in-time copy of a transport's counters
+/// ([`Transport::stats`](crate::Transport::stats)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Packets decoded from all connections (requests and responses).
+    pub packets_in: u64,
+    /// Packets queued for sending (requests, one-way posts and replies).
+    pub packets_out: u64,
+    /// Bytes read from sockets.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+    /// Connections open now (client and server side).
+    pub connections: u64,
+    /// Connections opened since start.
+    pub connections_total: u64,
+    /// Client requests waiting for their response now.
+    pub pending: u64,
+    /// Client requests that ended with [`Error::Timeout`](crate::Error::Timeout).
+    pub timeouts: u64,
+    /// Responses that matched no pending request (late or unknown), dropped.
+    pub late_responses: u64,
+    /// Server replies dropped because their connection had closed.
+    pub replies_dropped: u64,
+    /// Connections closed because of a malformed frame.
+    pub bad_frames: u64,
+    /// Requests waiting in the worker queue now.
+    pub worker_queue: u64,
+}

@@ -1,0 +1,169 @@
+//! The timeout thread: where request deadlines and connect timeouts are
+//! enforced.
+//!
+//! Each connection's [`ChannelPool`](crate::ChannelPool) orders its own
+//! requests by deadline; this registry only holds, per connection, the
+//! earliest deadline it was told about (plus connect timeouts). The thread
+//! sleeps until the earliest one (never longer than a tick), visits just the
+//! connections that are due and re-registers their next deadline. A tick's
+//! cost follows what is due, not how many requests or connections exist.
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::sync::{Condvar, Mutex};
+
+use super::conn::Conn;
+use super::{Command, Shared};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Expire the connection's due requests.
+    Requests,
+    /// Close the connection if it is still connecting.
+    Connect,
+}
+
+struct Entry {
+    at: Instant,
+    seq: u64,
+    kind: Kind,
+    conn: Arc<Conn>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    heap: BinaryHeap<Reverse<Entry>>,
+    seq: u64,
+    /// When the sleeping thread will next look, if it sleeps.
+    sleeping_until: Option<Instant>,
+    stopping: bool,
+}
+
+pub(crate) struct TimerQueue {
+    state: Mutex<State>,
+    wakeup: Condvar,
+    tick: Duration,
+}
+
+impl TimerQueue {
+    pub(crate) fn new(tick: Duration) -> Self {
+        TimerQueue {
+            state: Mutex::new(State::default()),
+            wakeup: Condvar::new(),
+            tick,
+        }
+    }
+
+    /// Makes sure `conn` is visited at `at` to expire its requests.
+    pub(crate) fn register(&self, at: Instant, conn: Arc<Conn>) {
+        self.push(at, Kind::Requests, conn);
+    }
+
+    /// Closes `conn` at `at` if it is still connecting then.
+    pub(crate) fn register_connect(&self, at: Instant, conn: Arc<Conn>) {
+        self.push(at, Kind::Connect, conn);
+    }
+
+    fn push(&self, at: Instant, kind: Kind, conn: Arc<Conn>) {
+        let wake = {
+            let mut state = self.state.lock();
+            state.seq += 1;
+            let seq = state.seq;
+            state.heap.push(Reverse(Entry {
+                at,
+                seq,
+                kind,
+                conn,
+            }));
+            state.sleeping_until.is_some_and(|until| at < until)
+        };
+        if wake {
+            self.wakeup.notify_one();
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        let dropped = {
+            let mut state = self.state.lock();
+            state.stopping = true;
+            std::mem::take(&mut state.heap)
+        };
+        self.wakeup.notify_one();
+        drop(dropped);
+    }
+}
+
+/// The `tbnet-timer` thread's body.
+pub(crate) fn run(shared: &Shared) {
+    let timer = &shared.timer;
+    let mut due: Vec<Entry> = Vec::new();
+    let mut readies = Vec::new();
+    loop {
+        {
+            let mut state = timer.state.lock();
+            loop {
+                if state.stopping {
+                    return;
+                }
+                let now = Instant::now();
+                while let Some(Reverse(top)) = state.heap.peek() {
+                    if top.at > now {
+                        break;
+                    }
+                    let Some(Reverse(entry)) = state.heap.pop() else {
+                        break;
+                    };
+                    due.push(entry);
+                }
+                if !due.is_empty() {
+                    state.sleeping_until = None;
+                    break;
+                }
+                let next = state.heap.peek().map(|Reverse(e)| e.at);
+                let until = next.map_or(now + timer.tick, |at| at.min(now + timer.tick));
+                state.sleeping_until = Some(until);
+                state = timer.wakeup.wait_until(state, until);
+            }
+        }
+        let now = Instant::now();
+        for entry in due.drain(..) {
+            match entry.kind {
+                Kind::Requests => {
+                    if let Some(next) = entry.conn.expire(now, &mut readies) {
+                        timer.register(next, entry.conn.clone());
+                    }
+                }
+                Kind::Connect => {
+                    if entry.conn.is_connecting() {
+                        tracing::warn!(peer = %entry.conn.peer(), "connect timed out");
+                        shared.command(Command::Close(entry.conn, Error::Timeout));
+                    }
+                }
+            }
+            for ready in readies.drain(..) {
+                shared.deliver(ready);
+            }
+        }
+    }
+}

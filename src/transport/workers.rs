@@ -1,0 +1,238 @@
+//! The worker pool: server requests and client callbacks run here.
+//!
+//! The IO thread is the single producer of the bounded request queue; when it
+//! is full the IO thread stops reading (TCP pushes back on the peer) and the
+//! next worker to free a place asks it to resume. Callbacks have their own
+//! unbounded queue (bounded in practice by the pending-request limits), fed
+//! by whichever thread completes a request, so a slow callback holds up
+//! neither the IO thread nor the timer. Idle workers park; producers wake
+//! one only when someone sleeps.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::fence;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_queue::{ArrayQueue, SegQueue};
+
+use crate::proto::Ready;
+use crate::server::{Responder, ServerAdaptor};
+use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::Packet;
+
+use super::{Command, Shared};
+
+/// A request for a server adaptor, handled on a worker.
+pub(crate) struct Job {
+    pub(crate) adaptor: Arc<dyn ServerAdaptor>,
+    pub(crate) request: Packet,
+    pub(crate) responder: Responder,
+}
+
+pub(crate) struct WorkQueues {
+    requests: ArrayQueue<Job>,
+    callbacks: SegQueue<Ready>,
+    sleepers: AtomicUsize,
+    park: Mutex<()>,
+    wakeup: Condvar,
+    /// The IO thread paused reading because `requests` was full.
+    io_waiting: AtomicBool,
+    stopping: AtomicBool,
+    /// Workers inside a handler now.
+    busy: AtomicUsize,
+    running: Mutex<usize>,
+    exited: Condvar,
+}
+
+impl WorkQueues {
+    pub(crate) fn new(capacity: usize) -> Self {
+        WorkQueues {
+            requests: ArrayQueue::new(capacity.max(1)),
+            callbacks: SegQueue::new(),
+            sleepers: AtomicUsize::new(0),
+            park: Mutex::new(()),
+            wakeup: Condvar::new(),
+            io_waiting: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            running: Mutex::new(0),
+            exited: Condvar::new(),
+        }
+    }
+
+    /// IO thread: queues a request, or hands it back when the queue is full
+    /// (the IO thread then pauses reading until a worker asks it to resume).
+    pub(crate) fn push_request(&self, job: Job) -> Result<(), Job> {
+        let job = match self.requests.push(job) {
+            Ok(()) => {
+                self.notify();
+                return Ok(());
+            }
+            Err(job) => job,
+        };
+        // Raise the flag before the retry so a worker that frees a place
+        // after it either sees the flag or left room for the retry.
+        self.io_waiting.store(true, Ordering::SeqCst);
+        match self.requests.push(job) {
+            Ok(()) => {
+                self.notify();
+                Ok(())
+            }
+            Err(job) => Err(job),
+        }
+    }
+
+    pub(crate) fn push_callback(&self, ready: Ready) {
+        self.callbacks.push(ready);
+        self.notify();
+    }
+
+    /// Workers inside a handler now.
+    pub(crate) fn busy(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn queued_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.park.lock();
+            self.wakeup.notify_one();
+        }
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.requests.is_empty() && self.callbacks.is_empty()
+    }
+
+    /// Runs callbacks still queued (on the calling thread). Used when the
+    /// workers are gone.
+    pub(crate) fn drain_callbacks(&self) {
+        while let Some(ready) = self.callbacks.pop() {
+            run_callback(ready);
+        }
+    }
+}
+
+/// Starts `n` workers named `tbnet-worker-N`.
+pub(crate) fn spawn(shared: &Arc<Shared>, n: usize) -> std::io::Result<Vec<JoinHandle<()>>> {
+    *shared.workers.running.lock() = n;
+    (0..n)
+        .map(|i| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("tbnet-worker-{i}"))
+                .spawn(move || {
+                    work(&shared);
+                    let queues = &shared.workers;
+                    *queues.running.lock() -= 1;
+                    queues.exited.notify_all();
+                })
+        })
+        .collect()
+}
+
+fn work(shared: &Shared) {
+    let queues = &shared.workers;
+    loop {
+        if let Some(ready) = queues.callbacks.pop() {
+            run_callback(ready);
+            continue;
+        }
+        if let Some(job) = queues.requests.pop() {
+            if queues.io_waiting.swap(false, Ordering::SeqCst) {
+                shared.command(Command::ResumeReading);
+            }
+            if queues.is_stopping() {
+                // Shutting down: the request is dropped unanswered.
+                continue;
+            }
+            queues.busy.fetch_add(1, Ordering::SeqCst);
+            run_job(job);
+            queues.busy.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        if queues.is_stopping() {
+            return;
+        }
+        let mut guard = queues.park.lock();
+        queues.sleepers.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if queues.is_idle() && !queues.is_stopping() {
+            guard = queues.wakeup.wait(guard);
+        }
+        queues.sleepers.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
+    }
+}
+
+fn run_callback(ready: Ready) {
+    if catch_unwind(AssertUnwindSafe(|| ready.fire())).is_err() {
+        tracing::error!("a response callback panicked");
+    }
+}
+
+fn run_job(job: Job) {
+    let Job {
+        adaptor,
+        request,
+        responder,
+    } = job;
+    let peer = responder.peer();
+    if catch_unwind(AssertUnwindSafe(|| {
+        adaptor.handle_packet(request, responder)
+    }))
+    .is_err()
+    {
+        tracing::error!(%peer, "a server adaptor panicked handling a request");
+    }
+}
+
+/// Tells the workers to stop: they finish the handler they are in, drop
+/// queued requests, run queued callbacks and exit.
+pub(crate) fn begin_stop(queues: &WorkQueues) {
+    queues.stopping.store(true, Ordering::SeqCst);
+    let _guard = queues.park.lock();
+    queues.wakeup.notify_all();
+}
+
+/// Waits until `deadline` for the workers to exit, joins those that did and
+/// leaves the rest detached (a handler that never returns keeps its thread;
+/// its replies are dropped). Returns how many were left behind.
+pub(crate) fn finish_stop(
+    queues: &WorkQueues,
+    handles: Vec<JoinHandle<()>>,
+    deadline: Instant,
+) -> usize {
+    let mut running = queues.running.lock();
+    while *running > 0 && Instant::now() < deadline {
+        running = queues.exited.wait_until(running, deadline);
+    }
+    let all_exited = *running == 0;
+    drop(running);
+    let mut stuck = 0;
+    for handle in handles {
+        // A worker that decremented `running` is past all user code.
+        if all_exited || handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            stuck += 1;
+        }
+    }
+    if stuck > 0 {
+        tracing::warn!(
+            stuck,
+            "workers still inside a handler after the shutdown grace period; left detached"
+        );
+    }
+    queues.drain_callbacks();
+    stuck
+}
