@@ -6,6 +6,67 @@
 //! wire, so it serves existing tbnet clients and calls existing tbnet
 //! servers.
 //!
+//! # Quick start
+//!
+//! A server and a client in one process, on a port the OS picks:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tbnet::{ConnectionManager, Packet, Responder, Transport};
+//!
+//! // Server: an adaptor is any `Fn(Packet, Responder)`; reply now or later.
+//! let server = Transport::builder().start()?;
+//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), |request: Packet, responder: Responder| {
+//!     let _ = responder.reply(request.reply(request.body().clone()));
+//! })?;
+//!
+//! // Client: one connection per server, opened on first use.
+//! let client = Transport::builder().start()?;
+//! let manager = ConnectionManager::new(&client);
+//!
+//! // 1. Block on the response.
+//! let response = manager.call(addr, Packet::new(1, "blocking"), Some(Duration::from_secs(1)))?;
+//! assert_eq!(response.body(), "blocking");
+//!
+//! // 2. A callback, run on one of the client transport's worker threads.
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! manager
+//!     .send(addr, Packet::new(1, "callback"), None, move |result| tx.send(result).unwrap())
+//!     .unwrap();
+//! assert_eq!(rx.recv().unwrap()?.body(), "callback");
+//!
+//! // 3. A future, for any executor.
+//! let future = manager.call_async(addr, Packet::new(1, "future"), None).unwrap();
+//! assert_eq!(tokio_test::block_on(future)?.body(), "future");
+//!
+//! client.stop();
+//! server.stop();
+//! # Ok::<(), tbnet::Error>(())
+//! ```
+//!
+//! # Threads
+//!
+//! ```text
+//!  caller threads               tbnet-io (mio, edge-triggered)            tbnet-worker-N
+//!  ──────────────               ──────────────────────────────            ──────────────
+//!  ConnectionManager::call ─┐   poll ─► accept / finish connect
+//!    ChannelPool::allocate  │          read until WouldBlock ─► decode
+//!    frame ─► conn queue ───┼─►        writev until WouldBlock            │
+//!    wake IO (if asleep) ───┘          response ─► ChannelPool::complete ─┼─► callbacks
+//!                                      request  ─► bounded queue ─────────┼─► ServerAdaptor
+//!                                                                         │   Responder::reply
+//!  tbnet-timer: sleeps until the next due deadline ─► Timeout            ─┘   ─► conn queue
+//! ```
+//!
+//! - Only `tbnet-io` touches sockets. Other threads queue frames on a
+//!   connection and wake it through one `mio::Waker`, and only when it is
+//!   asleep: while it works, wakeups are free.
+//! - `tbnet-timer` expires requests and connect attempts. It visits only
+//!   connections with something due.
+//! - Workers run server adaptors ([`Dispatch::Workers`]) and *every* client
+//!   callback. Blocking waits and futures are woken from whichever thread
+//!   ended the request (IO or timer).
+//!
 //! # The pure core
 //!
 //! Everything that decides *what* happens lives in [`proto`] and
@@ -30,7 +91,7 @@
 //! use std::time::{Duration, Instant};
 //! use bytes::BytesMut;
 //! use tbnet::proto::{DefaultStreamer, FrameDecoder, PacketStreamer};
-//! use tbnet::{ChannelPool, Error, Packet, WaitObject};
+//! use tbnet::{ChannelPool, Packet, WaitObject};
 //!
 //! let streamer = DefaultStreamer::new();
 //! let mut pool = ChannelPool::new(256);
@@ -61,34 +122,49 @@
 //!
 //! // A second response with that id is late: nothing is pending under it.
 //! assert!(pool.complete(id, Packet::new(1, "again")).is_none());
-//! # let _: Option<Error> = None;
 //! ```
 //!
 //! # tbnet names
 //!
 //! | tbnet (C++)          | this crate |
 //! |----------------------|------------|
-//! | `Packet`, `pcode`, `chid` | [`Packet`], [`PacketCode`], [`ChannelId`] |
+//! | `Transport`          | [`Transport`] |
+//! | `ConnectionManager`  | [`ConnectionManager`] |
+//! | `IServerAdaptor`     | [`ServerAdaptor`] (alias [`IServerAdaptor`]), any `Fn(Packet, Responder)` |
+//! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
 //! | `IPacketStreamer` + `IPacketFactory` | [`PacketStreamer`](proto::PacketStreamer) (alias [`IPacketStreamer`]) |
 //! | `DefaultPacketStreamer` | [`proto::DefaultStreamer`] |
-//! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
+//! | `Packet`, `pcode`, `chid` | [`Packet`], [`PacketCode`], [`ChannelId`] |
 //! | `ChannelPool`        | [`ChannelPool`] |
 //! | `WaitObject`         | [`WaitObject`] |
+//! | `PacketQueueThread`  | the worker pool ([`Dispatch::Workers`]) |
 //! | `ControlPacket` (timeout, bad packet, disconnect) | [`Error`] |
+//! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |
 //!
 //! # Guarantees
 //!
 //! - **Exactly once.** A pending request leaves its [`ChannelPool`] by one
-//!   of response, deadline, cancel or failure of its connection, and the
-//!   remover fires its [`Completion`]. A completion dropped unfired fires
-//!   [`Error::Shutdown`], so even a panic cannot leave a caller hanging.
+//!   of response, deadline, cancel, failure of its connection or shutdown,
+//!   and the remover fires its [`Completion`]. A completion dropped unfired
+//!   fires [`Error::Shutdown`], so even a panic cannot leave a caller hanging.
+//!   A submission that is refused returns the packet instead and fires
+//!   nothing.
 //! - **No late delivery.** A channel id carries its slot's generation: a
-//!   response for a request that already ended matches nothing.
+//!   response for a request that already ended matches nothing and is
+//!   counted in [`StatsSnapshot::late_responses`].
 //! - **Bounded memory.** Frame bodies are capped (64 MiB by default) and
-//!   checked before any body byte is expected; decoder buffers grow only with
-//!   bytes that actually arrived.
-//! - **Hostile bytes never panic.** Every malformed header is a
-//!   [`proto::FrameError`].
+//!   checked before any body byte is expected; read buffers grow only with
+//!   bytes that actually arrived. Pending requests per connection are capped
+//!   ([`DEFAULT_QUEUE_LIMIT`]); the worker queue is bounded and, when full,
+//!   pauses reading instead of dropping requests.
+//! - **Hostile bytes cost one connection.** A malformed header closes that
+//!   connection with a `warn!` naming the peer and the reason; its pending
+//!   requests fail with [`Error::Disconnected`]; nothing panics.
+//! - **Channel id 0** marks a one-way request: the adaptor sees it, and its
+//!   [`Responder`] discards any reply (tbnet's C++ server aborts on it).
+//! - **Shutdown always returns.** [`Transport::stop`] fails pending requests
+//!   with [`Error::Shutdown`], flushes replies for a grace period and joins
+//!   its threads; a worker stuck in a handler is left detached.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
