@@ -145,7 +145,9 @@ impl Default for TransportBuilder {
     fn default() -> Self {
         TransportBuilder {
             config: Config {
-                workers: 4,
+                workers: std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .max(2),
                 worker_queue: 4096,
                 dispatch: Dispatch::Workers,
                 read_chunk: DEFAULT_READ_CHUNK,
@@ -159,8 +161,8 @@ impl Default for TransportBuilder {
 }
 
 impl TransportBuilder {
-    /// Worker threads for server requests and client callbacks (default 4,
-    /// at least 1).
+    /// Worker threads for server requests and client callbacks (default:
+    /// the number of CPUs, at least 2; at least 1).
     pub fn workers(mut self, n: usize) -> Self {
         self.config.workers = n.max(1);
         self
@@ -395,20 +397,28 @@ impl Inner {
         shared.stopping.store(true, Ordering::SeqCst);
         workers::begin_stop(&shared.workers);
         shared.command(Command::Shutdown);
-        if threads.io.join().is_err() {
-            tracing::error!("the IO thread panicked");
-        }
+        join(threads.io, "IO");
         shared.fail_commands();
         shared.timer.stop();
-        if threads.timer.join().is_err() {
-            tracing::error!("the timer thread panicked");
-        }
+        join(threads.timer, "timer");
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.workers_exited.store(true, Ordering::SeqCst);
         shared.workers.drain_callbacks();
         *self.stopped.lock() = true;
         self.stopped_cond.notify_all();
         tracing::info!("transport stopped");
+    }
+}
+
+/// Joins `handle` unless it is the calling thread (the last handle was
+/// dropped, or `stop` called, from inside a handler on that thread): a thread
+/// cannot join itself, and it exits on its own once `stop` returns.
+fn join(handle: JoinHandle<()>, name: &str) {
+    if handle.thread().id() == std::thread::current().id() {
+        return;
+    }
+    if handle.join().is_err() {
+        tracing::error!("the {name} thread panicked");
     }
 }
 

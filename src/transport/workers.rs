@@ -212,14 +212,21 @@ pub(crate) fn finish_stop(
     handles: Vec<JoinHandle<()>>,
     deadline: Instant,
 ) -> usize {
+    // `stop` may run on a worker (the last handle dropped in a callback):
+    // that worker cannot exit before `stop` returns, so it is not waited for.
+    let me = std::thread::current().id();
+    let on_worker = handles.iter().any(|h| h.thread().id() == me);
     let mut running = queues.running.lock();
-    while *running > 0 && Instant::now() < deadline {
+    while *running > usize::from(on_worker) && Instant::now() < deadline {
         running = queues.exited.wait_until(running, deadline);
     }
-    let all_exited = *running == 0;
+    let all_exited = *running == usize::from(on_worker);
     drop(running);
     let mut stuck = 0;
     for handle in handles {
+        if handle.thread().id() == me {
+            continue;
+        }
         // A worker that decremented `running` is past all user code.
         if all_exited || handle.is_finished() {
             let _ = handle.join();
