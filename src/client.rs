@@ -20,6 +20,92 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 256;
 /// Default request timeout (tbnet's per-connection queue timeout).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 
+/// What requests to a server do while its connection is down and the next
+/// reconnect attempt is still in its backoff delay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhileDown {
+    /// Fail at once with [`Error::Disconnected`] (the default).
+    #[default]
+    FailFast,
+    /// Queue on the next connection (up to the queue limit); it connects
+    /// when the backoff delay ends, and each request's own timeout still
+    /// applies.
+    Queue,
+}
+
+/// Exponential backoff with jitter between reconnect attempts.
+///
+/// After a connection is lost, the first reconnect is immediate. Each
+/// failed attempt in a row doubles the delay, from `initial` up to `max`,
+/// and each delay is drawn at random from its upper half, so many clients
+/// do not reconnect in lockstep. A successful connect resets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay after the first failed attempt (default 100 ms).
+    pub initial: Duration,
+    /// Longest delay (default 10 s).
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after `failures` failed attempts in a row (0: none), with
+    /// jitter drawn from `random`: a value in `[max/2, max]` where `max` is
+    /// the exponential step.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use tbnet::Backoff;
+    ///
+    /// let b = Backoff::default();
+    /// assert_eq!(b.delay(0, 0), Duration::ZERO);
+    /// assert!(b.delay(1, 0) >= Duration::from_millis(50) && b.delay(1, 0) <= Duration::from_millis(100));
+    /// assert!(b.delay(30, u64::MAX) <= Duration::from_secs(10));
+    /// ```
+    pub fn delay(&self, failures: u32, random: u64) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let step = self
+            .initial
+            .saturating_mul(1u32 << (failures - 1).min(20))
+            .min(self.max);
+        let half = step / 2;
+        let nanos = half.as_nanos() as u64;
+        half + Duration::from_nanos(if nanos == 0 { 0 } else { random % (nanos + 1) })
+    }
+}
+
+/// A random `u64` for jitter, from the standard library's per-process
+/// random hash keys.
+fn jitter_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    hasher.finish()
+}
+
+/// One server's connection and its reconnect bookkeeping.
+struct ServerSlot {
+    conn: Arc<Conn>,
+    /// Failed connect attempts in a row.
+    failures: u32,
+    /// No new connection before this (backoff).
+    retry_at: Option<Instant>,
+    /// The closed `conn` was already counted in `failures`.
+    accounted: bool,
+}
+
 /// tbnet's `u64` server id: `port << 32 | ipv4`, the address's four octets
 /// in the low 32 bits first octet lowest (what tbnet computes from
 /// `inet_addr` on little-endian hosts).
@@ -99,9 +185,11 @@ impl TryFrom<SocketAddr> for ServerId {
 /// ```
 pub struct ConnectionManager {
     transport: Transport,
-    conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+    conns: Mutex<HashMap<SocketAddr, ServerSlot>>,
     queue_limit: usize,
     default_timeout: Duration,
+    backoff: Backoff,
+    while_down: WhileDown,
 }
 
 impl fmt::Debug for ConnectionManager {
@@ -124,7 +212,23 @@ impl ConnectionManager {
             conns: Mutex::new(HashMap::new()),
             queue_limit: DEFAULT_QUEUE_LIMIT,
             default_timeout: DEFAULT_TIMEOUT,
+            backoff: Backoff::default(),
+            while_down: WhileDown::default(),
         }
+    }
+
+    /// The delays between reconnect attempts (default: [`Backoff::default`],
+    /// 100 ms doubling to 10 s, with jitter).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// What requests do while a server is down and in backoff (default
+    /// [`WhileDown::FailFast`]).
+    pub fn with_while_down(mut self, policy: WhileDown) -> Self {
+        self.while_down = policy;
+        self
     }
 
     /// Limits the requests pending on one connection (clamped to
@@ -261,7 +365,7 @@ impl ConnectionManager {
         self.conns
             .lock()
             .values()
-            .filter(|c| !c.is_closed())
+            .filter(|c| !c.conn.is_closed())
             .count()
     }
 
@@ -304,16 +408,36 @@ impl ConnectionManager {
         unreachable!("the second attempt always returns")
     }
 
-    /// The open (or opening) connection to `server`, opening one if needed.
+    /// The open (or opening) connection to `server`, opening one if needed
+    /// and the backoff allows.
     fn conn(&self, server: SocketAddr) -> Result<Arc<Conn>, Error> {
         let shared = self.transport.shared();
         if shared.is_stopping() {
             return Err(Error::Shutdown);
         }
+        let now = Instant::now();
         let mut conns = self.conns.lock();
-        if let Some(conn) = conns.get(&server) {
-            if !conn.is_closed() {
-                return Ok(conn.clone());
+        let mut connect_at = None;
+        if let Some(slot) = conns.get_mut(&server) {
+            if !slot.conn.is_closed() {
+                return Ok(slot.conn.clone());
+            }
+            if !slot.accounted {
+                slot.accounted = true;
+                slot.failures = if slot.conn.was_opened() {
+                    0
+                } else {
+                    slot.failures + 1
+                };
+                let delay = self.backoff.delay(slot.failures, jitter_seed());
+                slot.retry_at = Some(now + delay);
+            }
+            match slot.retry_at {
+                Some(at) if now < at => match self.while_down {
+                    WhileDown::FailFast => return Err(Error::Disconnected),
+                    WhileDown::Queue => connect_at = Some(at),
+                },
+                _ => {}
             }
         }
         let conn = Arc::new(Conn::new(
@@ -324,9 +448,25 @@ impl ConnectionManager {
         ));
         // Queued before anyone else can see the connection, so the IO thread
         // always registers it before flushing it.
-        shared.command(Command::Connect(conn.clone()));
-        conns.insert(server, conn.clone());
-        tracing::debug!(%server, "opening connection");
+        match connect_at {
+            None => shared.command(Command::Connect(conn.clone())),
+            Some(at) => {
+                if !shared.timer.register_connect_at(at, conn.clone()) {
+                    return Err(Error::Shutdown);
+                }
+            }
+        }
+        let failures = conns.get(&server).map_or(0, |slot| slot.failures);
+        conns.insert(
+            server,
+            ServerSlot {
+                conn: conn.clone(),
+                failures,
+                retry_at: None,
+                accounted: false,
+            },
+        );
+        tracing::debug!(%server, failures, "opening connection");
         Ok(conn)
     }
 }

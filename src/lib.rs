@@ -178,13 +178,15 @@ mod server;
 mod sync;
 mod transport;
 
-pub use client::{ConnectionManager, ServerId, DEFAULT_QUEUE_LIMIT, DEFAULT_TIMEOUT};
+pub use client::{
+    Backoff, ConnectionManager, ServerId, WhileDown, DEFAULT_QUEUE_LIMIT, DEFAULT_TIMEOUT,
+};
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
 pub use error::{Error, SendError};
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use server::{Dispatch, Responder, ServerAdaptor};
-pub use transport::{StatsSnapshot, Transport, TransportBuilder};
+pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
 
 /// tbnet's name for [`ServerAdaptor`].
 pub use server::ServerAdaptor as IServerAdaptor;

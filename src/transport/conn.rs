@@ -14,7 +14,7 @@ use crate::completion::{Cancel, Completion};
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
 use crate::proto::{ChannelPool, Ready, WriteQueue};
-use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 use super::{Command, Shared};
 
@@ -39,6 +39,8 @@ pub(crate) struct ConnState {
     pool: ChannelPool,
     out: WriteQueue,
     status: Status,
+    /// The connection reached `Open` at some point.
+    opened: bool,
     /// Earliest deadline registered with the timer for this connection.
     timer_at: Option<Instant>,
 }
@@ -57,6 +59,8 @@ pub(crate) struct Conn {
     state: Mutex<ConnState>,
     flush_scheduled: AtomicBool,
     token: AtomicUsize,
+    /// When the peer last sent bytes, in ms since `Shared::epoch`.
+    last_active_ms: AtomicU64,
 }
 
 impl Conn {
@@ -77,11 +81,13 @@ impl Conn {
             state: Mutex::new(ConnState {
                 pool: ChannelPool::new(queue_limit),
                 out: WriteQueue::new(),
+                opened: side == Side::Server,
                 status,
                 timer_at: None,
             }),
             flush_scheduled: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
+            last_active_ms: AtomicU64::new(0),
         }
     }
 
@@ -114,7 +120,26 @@ impl Conn {
         let mut state = self.state.lock();
         if matches!(state.status, Status::Connecting) {
             state.status = Status::Open;
+            state.opened = true;
         }
+    }
+
+    /// Whether the connection was ever established (a closed one that never
+    /// was counts as a failed connect attempt).
+    pub(crate) fn was_opened(&self) -> bool {
+        self.state.lock().opened
+    }
+
+    /// IO thread: the peer just sent something.
+    pub(crate) fn touch(&self) {
+        let ms = self.shared.epoch.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the peer last sent something.
+    pub(crate) fn last_active(&self) -> Instant {
+        self.shared.epoch
+            + std::time::Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
     }
 
     /// Registers a request and queues its frame. The request's channel id is
@@ -131,6 +156,13 @@ impl Conn {
                 let error = error.clone();
                 return Err(Rejected {
                     error,
+                    packet,
+                    completion,
+                });
+            }
+            if state.out.len() >= self.shared.config.max_outbound {
+                return Err(Rejected {
+                    error: Error::QueueFull,
                     packet,
                     completion,
                 });
@@ -171,6 +203,12 @@ impl Conn {
                 let error = error.clone();
                 drop(state);
                 return Err(SendError::new(error, packet));
+            }
+            // Replies are never refused (reading pauses instead); a client's
+            // one-way messages are, like its requests.
+            if self.side == Side::Client && state.out.len() >= self.shared.config.max_outbound {
+                drop(state);
+                return Err(SendError::new(Error::QueueFull, packet));
             }
             state.out.push(&*self.shared.streamer, &packet);
         }

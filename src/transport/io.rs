@@ -59,6 +59,8 @@ struct IoConn {
     stalled: Option<Job>,
     /// Reading paused until the worker queue has room.
     paused: bool,
+    /// Reading paused until the peer takes some of our unwritten output.
+    out_blocked: bool,
 }
 
 struct IoLoop {
@@ -227,6 +229,20 @@ impl IoLoop {
         if !connecting {
             let _ = socket.set_nodelay(true);
         }
+        if let Some(idle) = self.shared.config.tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(idle);
+            if let Err(e) = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive) {
+                tracing::debug!(peer = %conn.peer(), error = %e, "could not enable TCP keepalive");
+            }
+        }
+        if let (Some(_), Some(idle)) = (&server, self.shared.config.idle_timeout) {
+            conn.touch();
+            self.shared
+                .timer
+                .register_idle(Instant::now() + idle, conn.clone());
+        }
         conn.set_token(token);
         entry.insert(Endpoint::Conn(IoConn {
             socket,
@@ -237,6 +253,7 @@ impl IoLoop {
             server,
             stalled: None,
             paused: false,
+            out_blocked: false,
         }));
         self.shared.stats.connection_opened();
         Some(token)
@@ -338,7 +355,7 @@ impl IoLoop {
             let Some(c) = self.conn_mut(token) else {
                 return;
             };
-            if c.paused || c.connecting {
+            if c.paused || c.out_blocked || c.connecting {
                 return;
             }
             if reads == READS_PER_TURN {
@@ -352,7 +369,10 @@ impl IoLoop {
                     self.close(token, Error::Disconnected);
                     return;
                 }
-                Ok(n) => self.shared.stats.bytes_in(n as u64),
+                Ok(n) => {
+                    c.conn.touch();
+                    self.shared.stats.bytes_in(n as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -447,37 +467,55 @@ impl IoLoop {
     }
 
     /// Writes the connection's queued frames until `WouldBlock`.
+    ///
+    /// Output beyond `max_outbound` unwritten bytes stays in the
+    /// connection's shared queue (where clients then get `QueueFull`) and
+    /// reading from the peer pauses, so a peer that sends requests but never
+    /// reads replies cannot grow our memory.
     fn write(&mut self, token: usize) {
+        let max_outbound = self.shared.config.max_outbound;
         let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
             return;
         };
-        c.conn.take_output(&mut c.out);
-        if c.connecting {
-            return;
-        }
-        let failed = loop {
-            if c.out.is_empty() {
+        let failed = 'outer: loop {
+            if c.out.len() < max_outbound {
+                c.conn.take_output(&mut c.out);
+            }
+            if c.connecting || c.out.is_empty() {
                 break None;
             }
-            let written = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let n = c.out.io_slices(&mut slices);
-                c.socket.write_vectored(&slices[..n])
-            };
-            match written {
-                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => {
-                    c.out.advance(n);
-                    self.shared.stats.bytes_out(n as u64);
+            while !c.out.is_empty() {
+                let written = {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                    let n = c.out.io_slices(&mut slices);
+                    c.socket.write_vectored(&slices[..n])
+                };
+                match written {
+                    Ok(0) => break 'outer Some(io::Error::from(io::ErrorKind::WriteZero)),
+                    Ok(n) => {
+                        c.out.advance(n);
+                        self.shared.stats.bytes_out(n as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'outer None,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break 'outer Some(e),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Some(e),
             }
         };
         if let Some(e) = failed {
             tracing::debug!(peer = %c.conn.peer(), error = %e, "write failed");
             self.close(token, Error::from(e));
+            return;
+        }
+        let blocked = c.out.len() >= max_outbound;
+        if blocked != c.out_blocked {
+            c.out_blocked = blocked;
+            if blocked {
+                tracing::debug!(peer = %c.conn.peer(), unwritten = c.out.len(), "peer is not reading; pausing its input");
+            } else {
+                // Reading stopped short of `WouldBlock`: no edge will come.
+                self.again.push(token);
+            }
         }
     }
 

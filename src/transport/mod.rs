@@ -25,6 +25,9 @@ pub use stats::StatsSnapshot;
 use timer::TimerQueue;
 use workers::WorkQueues;
 
+/// Default for [`TransportBuilder::max_outbound`]: 8 MiB.
+pub const DEFAULT_MAX_OUTBOUND: usize = 8 << 20;
+
 /// Work handed to the IO thread.
 pub(crate) enum Command {
     Listen(mio::net::TcpListener, Arc<dyn ServerAdaptor>, Dispatch),
@@ -45,6 +48,9 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
     pub(crate) timer_tick: Duration,
+    pub(crate) max_outbound: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) tcp_keepalive: Option<Duration>,
 }
 
 /// State every transport thread and handle shares.
@@ -52,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) streamer: Arc<dyn PacketStreamer>,
     pub(crate) stats: Stats,
+    /// Origin of the coarse millisecond clock connections stamp activity with.
+    pub(crate) epoch: std::time::Instant,
     pub(crate) timer: TimerQueue,
     pub(crate) workers: WorkQueues,
     commands: SegQueue<Command>,
@@ -154,6 +162,9 @@ impl Default for TransportBuilder {
                 connect_timeout: Duration::from_secs(3),
                 shutdown_grace: Duration::from_millis(500),
                 timer_tick: Duration::from_millis(100),
+                max_outbound: DEFAULT_MAX_OUTBOUND,
+                idle_timeout: Some(Duration::from_secs(900)),
+                tcp_keepalive: None,
             },
             streamer: Arc::new(DefaultStreamer::new()),
         }
@@ -209,6 +220,32 @@ impl TransportBuilder {
         self
     }
 
+    /// Unwritten bytes one connection may hold (default 8 MiB). Past it, a
+    /// server connection stops reading its peer's requests until the peer
+    /// reads some replies, and a client connection refuses new requests with
+    /// [`Error::QueueFull`]. A single larger frame still goes through.
+    pub fn max_outbound(mut self, bytes: usize) -> Self {
+        self.config.max_outbound = bytes.max(1);
+        self
+    }
+
+    /// Closes server-side connections that sent nothing for this long
+    /// (default 900 s, tbnet's; `None` keeps them forever).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Enables TCP keepalive probes on every connection after this much
+    /// silence, repeated at the same interval (default `None`: off). With it
+    /// the kernel detects a peer that vanished without FIN or RST, and the
+    /// connection's pending requests fail with [`Error::Disconnected`]
+    /// instead of waiting for their deadlines.
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.config.tcp_keepalive = idle;
+        self
+    }
+
     /// Longest the timeout thread sleeps between looks (default 100 ms; it
     /// also wakes for every earlier deadline).
     pub fn timer_tick(mut self, tick: Duration) -> Self {
@@ -230,6 +267,7 @@ impl TransportBuilder {
             config: self.config,
             streamer: self.streamer,
             stats: Stats::default(),
+            epoch: std::time::Instant::now(),
             commands: SegQueue::new(),
             waker,
             io_awake: AtomicBool::new(true),
@@ -399,7 +437,11 @@ impl Inner {
         shared.command(Command::Shutdown);
         join(threads.io, "IO");
         shared.fail_commands();
-        shared.timer.stop();
+        let mut readies = Vec::new();
+        for conn in shared.timer.stop() {
+            conn.close(Error::Shutdown, &mut readies);
+        }
+        readies.into_iter().for_each(|ready| shared.deliver(ready));
         join(threads.timer, "timer");
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.workers_exited.store(true, Ordering::SeqCst);

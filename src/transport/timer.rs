@@ -25,6 +25,10 @@ enum Kind {
     Requests,
     /// Close the connection if it is still connecting.
     Connect,
+    /// Start connecting (a reconnect delayed by backoff).
+    ConnectAt,
+    /// Close the server connection if its peer has been silent too long.
+    Idle,
 }
 
 struct Entry {
@@ -85,9 +89,24 @@ impl TimerQueue {
         self.push(at, Kind::Connect, conn);
     }
 
-    fn push(&self, at: Instant, kind: Kind, conn: Arc<Conn>) {
+    /// Asks the IO thread to start connecting `conn` at `at`. False if the
+    /// timer has stopped: the caller must end `conn` itself.
+    pub(crate) fn register_connect_at(&self, at: Instant, conn: Arc<Conn>) -> bool {
+        self.push(at, Kind::ConnectAt, conn)
+    }
+
+    /// Checks at `at` whether `conn`'s peer has been silent for the idle
+    /// timeout.
+    pub(crate) fn register_idle(&self, at: Instant, conn: Arc<Conn>) {
+        self.push(at, Kind::Idle, conn);
+    }
+
+    fn push(&self, at: Instant, kind: Kind, conn: Arc<Conn>) -> bool {
         let wake = {
             let mut state = self.state.lock();
+            if state.stopping {
+                return false;
+            }
             state.seq += 1;
             let seq = state.seq;
             state.heap.push(Reverse(Entry {
@@ -101,16 +120,23 @@ impl TimerQueue {
         if wake {
             self.wakeup.notify_one();
         }
+        true
     }
 
-    pub(crate) fn stop(&self) {
+    /// Stops the timer thread. Returns the connections that were waiting
+    /// for a delayed connect: nobody else knows them, so the caller fails
+    /// their requests.
+    pub(crate) fn stop(&self) -> Vec<Arc<Conn>> {
         let dropped = {
             let mut state = self.state.lock();
             state.stopping = true;
             std::mem::take(&mut state.heap)
         };
         self.wakeup.notify_one();
-        drop(dropped);
+        (dropped.into_iter())
+            .filter(|Reverse(entry)| entry.kind == Kind::ConnectAt)
+            .map(|Reverse(entry)| entry.conn)
+            .collect()
     }
 }
 
@@ -158,6 +184,26 @@ pub(crate) fn run(shared: &Shared) {
                     if entry.conn.is_connecting() {
                         tracing::warn!(peer = %entry.conn.peer(), "connect timed out");
                         shared.command(Command::Close(entry.conn, Error::Timeout));
+                    }
+                }
+                Kind::ConnectAt => {
+                    if !entry.conn.is_closed() {
+                        shared.command(Command::Connect(entry.conn));
+                    }
+                }
+                Kind::Idle => {
+                    let Some(limit) = shared.config.idle_timeout else {
+                        continue;
+                    };
+                    if entry.conn.is_closed() {
+                        continue;
+                    }
+                    let due = entry.conn.last_active() + limit;
+                    if due <= now {
+                        tracing::info!(peer = %entry.conn.peer(), "closing idle connection");
+                        shared.command(Command::Close(entry.conn, Error::Timeout));
+                    } else {
+                        timer.register_idle(due, entry.conn);
                     }
                 }
             }
