@@ -2,6 +2,9 @@
 //!
 //! Run with `cargo bench --bench core`.
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

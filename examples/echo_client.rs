@@ -95,7 +95,7 @@ fn parse_args() -> Result<Args, String> {
     if args.conns == 0 || args.depth == 0 {
         return Err("--conns and --depth must be at least 1".into());
     }
-    if !(args.secs > 0.0) {
+    if args.secs.is_nan() || args.secs <= 0.0 {
         return Err("--secs must be positive".into());
     }
     Ok(args)

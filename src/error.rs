@@ -184,7 +184,7 @@ mod tests {
             Error::QueueFull,
             Error::FrameTooLarge { len: 9, max: 8 },
             Error::MalformedFrame(FrameError::NegativeLength(-1)),
-            Error::from(io::Error::new(io::ErrorKind::Other, "boom")),
+            Error::from(io::Error::other("boom")),
         ];
         for e in all {
             let s = e.to_string();

@@ -113,7 +113,7 @@ impl Responder {
     /// order relative to other requests.
     ///
     /// # Errors
-    /// [`Error::Disconnected`] (or [`Error::Shutdown`]) with the packet
+    /// [`Error::Disconnected`](crate::Error::Disconnected) (or [`Error::Shutdown`](crate::Error::Shutdown)) with the packet
     /// handed back if the connection closed meanwhile; the reply is counted
     /// in [`StatsSnapshot::replies_dropped`](crate::StatsSnapshot::replies_dropped).
     pub fn reply(mut self, mut response: Packet) -> Result<(), SendError<Packet>> {

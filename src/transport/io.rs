@@ -36,6 +36,9 @@ const READS_PER_TURN: usize = 16;
 /// Slices handed to one `write_vectored` call.
 const MAX_IOVECS: usize = 64;
 
+// Nearly every endpoint is a connection: boxing it would only add an
+// indirection per event.
+#[allow(clippy::large_enum_variant)]
 enum Endpoint {
     Listener(IoListener),
     Conn(IoConn),
@@ -355,7 +358,11 @@ impl IoLoop {
             let Some(c) = self.conn_mut(token) else {
                 return;
             };
-            if c.paused || c.out_blocked || c.connecting {
+            // Only a server stops reading for unwritten output: a client reading
+            // responses frees memory, and pausing both ends of one connection
+            // would deadlock them. Clients are bounded by `QueueFull` instead.
+            let out_paused = c.out_blocked && c.server.is_some();
+            if c.paused || out_paused || c.connecting {
                 return;
             }
             if reads == READS_PER_TURN {
@@ -510,9 +517,9 @@ impl IoLoop {
         let blocked = c.out.len() >= max_outbound;
         if blocked != c.out_blocked {
             c.out_blocked = blocked;
-            if blocked {
+            if blocked && c.server.is_some() {
                 tracing::debug!(peer = %c.conn.peer(), unwritten = c.out.len(), "peer is not reading; pausing its input");
-            } else {
+            } else if c.server.is_some() {
                 // Reading stopped short of `WouldBlock`: no edge will come.
                 self.again.push(token);
             }

@@ -435,14 +435,18 @@ impl Inner {
         shared.stopping.store(true, Ordering::SeqCst);
         workers::begin_stop(&shared.workers);
         shared.command(Command::Shutdown);
-        join(threads.io, "IO");
-        shared.fail_commands();
+        // On the IO thread itself (stop called from an IO-thread handler) the
+        // Shutdown command must stay queued: the loop takes it once the
+        // handler returns, and fails what is left on its way out.
+        if join(threads.io, "IO") {
+            shared.fail_commands();
+        }
         let mut readies = Vec::new();
         for conn in shared.timer.stop() {
             conn.close(Error::Shutdown, &mut readies);
         }
         readies.into_iter().for_each(|ready| shared.deliver(ready));
-        join(threads.timer, "timer");
+        let _ = join(threads.timer, "timer");
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.workers_exited.store(true, Ordering::SeqCst);
         shared.workers.drain_callbacks();
@@ -454,14 +458,16 @@ impl Inner {
 
 /// Joins `handle` unless it is the calling thread (the last handle was
 /// dropped, or `stop` called, from inside a handler on that thread): a thread
-/// cannot join itself, and it exits on its own once `stop` returns.
-fn join(handle: JoinHandle<()>, name: &str) {
+/// cannot join itself, and it exits on its own once `stop` returns. Returns
+/// whether it joined.
+fn join(handle: JoinHandle<()>, name: &str) -> bool {
     if handle.thread().id() == std::thread::current().id() {
-        return;
+        return false;
     }
     if handle.join().is_err() {
         tracing::error!("the {name} thread panicked");
     }
+    true
 }
 
 impl Drop for Inner {

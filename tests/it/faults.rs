@@ -1,0 +1,314 @@
+//! Faults: dead servers, refused connections, reconnect with backoff, idle
+//! and half-open peers, a full worker queue, shutdown with work in flight.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tbnet::{Backoff, ConnectionManager, Error, Packet, Responder, Transport, WhileDown};
+
+use crate::support::*;
+
+/// An example binary, built by plain `cargo test` next to this test binary.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run plain `cargo test` (it builds the examples) or `cargo build --example {name}`",
+        path.display()
+    );
+    path
+}
+
+/// Starts the `echo_server` example as a child process on a free port;
+/// returns it once it printed `listening on ADDR`.
+pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(example_binary("echo_server"))
+        .args(["--addr", "127.0.0.1:0", "--workers", &workers.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the echo_server example");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the server's first line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("an address");
+    (child, addr)
+}
+
+/// A loopback address nobody listens on (bound, then released).
+fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind(loopback()).unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[test]
+fn killing_the_server_process_ends_every_pending_call() {
+    let (mut child, addr) = spawn_echo_server(2);
+    let client = transport();
+    let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(100_000));
+    // Warm up: the connection is open and the server answers.
+    manager
+        .call(addr, Packet::new(1, "up?"), Some(NEVER))
+        .unwrap();
+
+    let sent = 20_000;
+    let recorder = Recorder::new(sent);
+    let mut accepted = 0;
+    for i in 0..sent {
+        let body = vec![b'k'; 512];
+        match manager.send(addr, Packet::new(1, body), Some(NEVER), recorder.handler(i)) {
+            Ok(()) => accepted += 1,
+            Err(refused) => {
+                // Once the connection is gone, submissions are refused at
+                // once (with the packet back) and their handlers never run.
+                assert!(
+                    matches!(refused.error(), Error::Disconnected),
+                    "{refused:?}"
+                );
+                break;
+            }
+        }
+        if i == sent / 10 {
+            child.kill().unwrap();
+        }
+    }
+    child.wait().unwrap();
+    assert!(accepted > sent / 10);
+    let ended = wait_until(WAIT_LIMIT, || {
+        recorder.calls()[..accepted].iter().all(|&n| n == 1)
+    });
+    assert!(ended, "every accepted request ended once");
+    let results: Vec<Result<Packet, Error>> = recorder.results_of(accepted);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert!(failed > 0, "some requests were cut off by the kill");
+    for r in &results {
+        assert!(
+            matches!(r, Ok(_) | Err(Error::Disconnected)),
+            "{r:?}: a killed server means a response or Disconnected"
+        );
+    }
+    stop(&client);
+    assert!(recorder.calls()[..accepted].iter().all(|&n| n == 1));
+    assert!(recorder.calls()[accepted..].iter().all(|&n| n == 0));
+    stop(&client);
+}
+
+#[test]
+fn a_refused_connection_fails_fast_and_backs_off() {
+    let addr = closed_port();
+    let client = transport();
+    let manager = ConnectionManager::new(&client).with_backoff(Backoff {
+        initial: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+    });
+    let first = within("a call to a closed port", {
+        let client = client.clone();
+        move || ConnectionManager::new(&client).call(addr, Packet::new(1, "x"), Some(NEVER))
+    });
+    assert!(matches!(first, Err(Error::Disconnected)), "{first:?}");
+
+    assert!(matches!(
+        manager.call(addr, Packet::new(1, "x"), Some(NEVER)),
+        Err(Error::Disconnected)
+    ));
+    let attempts = client.stats().connections_total;
+    // In backoff: no new connect attempt, immediate failure.
+    for _ in 0..20 {
+        let refused = manager.send(addr, Packet::new(1, "x"), Some(NEVER), |_| {});
+        assert!(matches!(
+            refused.map_err(|e| e.into_parts().0),
+            Err(Error::Disconnected)
+        ));
+    }
+    assert_eq!(client.stats().connections_total, attempts);
+    stop(&client);
+}
+
+#[test]
+fn queued_requests_wait_for_the_delayed_reconnect() {
+    let listener = TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let client = transport();
+    let manager = ConnectionManager::new(&client)
+        .with_backoff(Backoff {
+            initial: Duration::from_millis(300),
+            max: Duration::from_millis(300),
+        })
+        .with_while_down(WhileDown::Queue);
+    assert!(manager
+        .call(addr, Packet::new(1, "x"), Some(NEVER))
+        .is_err());
+
+    // The server comes back on the same port; the queued call rides the
+    // delayed reconnect.
+    let server = transport();
+    let bound = wait_until(WAIT_LIMIT, || server.listen(addr, echo).is_ok());
+    assert!(bound, "could not listen on {addr} again");
+    let response = manager
+        .call(addr, Packet::new(1, "queued"), Some(NEVER))
+        .unwrap();
+    assert_eq!(response.body(), "queued");
+    stop(&client);
+    stop(&server);
+}
+
+#[test]
+fn reconnecting_never_sees_the_dead_connections_partial_input() {
+    let (addr, first) = raw_server(|mut stream| {
+        let request = read_frame(&mut stream).unwrap();
+        // Half a response, then the connection dies.
+        let full = frame(request.chid, 1, b"never finished");
+        send_bytes(&mut stream, &full[..20]);
+    });
+    let client = transport();
+    let manager = ConnectionManager::new(&client);
+    let cut = manager.call(addr, Packet::new(1, "a"), Some(NEVER));
+    assert!(matches!(cut, Err(Error::Disconnected)), "{cut:?}");
+    first.join().unwrap();
+
+    let server = transport();
+    assert!(wait_until(WAIT_LIMIT, || server.listen(addr, echo).is_ok()));
+    let response = manager
+        .call(addr, Packet::new(1, "fresh"), Some(NEVER))
+        .unwrap();
+    assert_eq!(response.body(), "fresh");
+    stop(&client);
+    stop(&server);
+}
+
+#[test]
+fn idle_server_connections_are_closed() {
+    let transport = Transport::builder()
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .timer_tick(Duration::from_millis(20))
+        .start()
+        .unwrap();
+    let addr = transport.listen(loopback(), echo).unwrap();
+    let mut idle = raw_client(addr);
+    assert!(closed_by_peer(&mut idle), "the idle connection was closed");
+    assert!(wait_until(WAIT_LIMIT, || transport.stats().connections == 0));
+    stop(&transport);
+}
+
+#[test]
+fn a_half_open_server_means_timeouts_not_hangs() {
+    // Accepts, reads, never answers, never closes.
+    let (addr, silent) = raw_server(|mut stream| {
+        let _ = read_frame(&mut stream);
+        let _ = read_frame(&mut stream);
+    });
+    let client = Transport::builder()
+        .workers(1)
+        .tcp_keepalive(Some(Duration::from_secs(1)))
+        .start()
+        .unwrap();
+    let manager = ConnectionManager::new(&client);
+    let result = within("a call to a silent server", move || {
+        manager.call(addr, Packet::new(1, "anyone?"), Some(SHORT_TIMEOUT))
+    });
+    assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+    assert_eq!(client.stats().timeouts, 1);
+    stop(&client);
+    drop(silent);
+}
+
+#[test]
+fn a_full_worker_queue_pauses_reading_and_drops_nothing() {
+    let gate = Gate::default();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let server = Transport::builder()
+        .workers(1)
+        .worker_queue(2)
+        .start()
+        .unwrap();
+    let addr = {
+        let gate = gate.clone();
+        let handled = handled.clone();
+        server
+            .listen(loopback(), move |request: Packet, responder: Responder| {
+                gate.pass();
+                handled.fetch_add(1, Ordering::SeqCst);
+                echo(request, responder);
+            })
+            .unwrap()
+    };
+    let client = transport();
+    let manager = ConnectionManager::new(&client).with_queue_limit(1000);
+    let n = 500;
+    let recorder = Recorder::new(n);
+    for i in 0..n {
+        manager
+            .send(
+                addr,
+                Packet::new(1, format!("{i}")),
+                Some(NEVER),
+                recorder.handler(i),
+            )
+            .unwrap();
+    }
+    // The single worker is stuck; the queue holds two; the rest waits in
+    // TCP buffers because the IO thread stopped reading.
+    assert!(wait_until(WAIT_LIMIT, || server.stats().worker_queue == 2));
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    gate.open();
+    recorder.wait_all_called();
+    for (i, result) in recorder.results().into_iter().enumerate() {
+        assert_eq!(result.unwrap().body(), format!("{i}").as_bytes());
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), n);
+    stop(&client);
+    stop(&server);
+}
+
+#[test]
+fn replies_produced_during_shutdown_are_flushed_within_the_grace_period() {
+    let server = Transport::builder()
+        .shutdown_grace(Duration::from_secs(10))
+        .start()
+        .unwrap();
+    let received = Gate::default();
+    let addr = {
+        let handle = server.clone();
+        let received = received.clone();
+        server
+            .listen(loopback(), move |request: Packet, responder: Responder| {
+                received.open();
+                // Reply only once the transport is stopping.
+                assert!(wait_until(WAIT_LIMIT, || handle.is_stopped()));
+                echo(request, responder);
+            })
+            .unwrap()
+    };
+    let client = transport();
+    let manager = ConnectionManager::new(&client);
+    let future = manager
+        .call_async(addr, Packet::new(1, "last words"), Some(NEVER))
+        .unwrap();
+    received.pass();
+    stop(&server);
+    let response = within("the reply sent during shutdown", move || {
+        tokio_test::block_on(future)
+    });
+    assert_eq!(response.unwrap().body(), "last words");
+    stop(&client);
+}

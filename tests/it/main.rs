@@ -1,0 +1,18 @@
+//! Integration tests for `tbnet`, over real loopback sockets.
+//!
+//! One binary (to save link time); one module per concern. Every server binds
+//! `127.0.0.1:0`. Shared fixtures and the bounded waits live in `support`.
+
+mod client;
+mod concurrency;
+mod exactly_once;
+mod examples;
+mod faults;
+mod handles;
+mod hostile;
+mod reconnect;
+mod server;
+mod shutdown;
+mod soak;
+mod support;
+mod wire;

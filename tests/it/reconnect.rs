@@ -1,0 +1,175 @@
+//! Losing a server: pending requests fail with `Disconnected`, and the next
+//! request opens a new connection.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tbnet::{Backoff, ConnectionManager, Error, Packet, Transport, WhileDown};
+
+use crate::support::{
+    echo, echo_server, frame, loopback, read_frame, send_bytes, stop, transport, within, Recorder,
+    SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT, WAIT_LIMIT,
+};
+
+#[test]
+fn pending_calls_fail_when_the_server_stops_and_later_calls_reconnect() {
+    let first = SilentServer::start();
+    let addr = first.addr;
+    let client_transport = transport();
+    let client = Arc::new(ConnectionManager::new(&client_transport));
+
+    let recorder = Recorder::new(1);
+    client
+        .send(
+            addr,
+            Packet::new(1, "callback"),
+            Some(NEVER),
+            recorder.handler(0),
+        )
+        .expect("send");
+    let future = client
+        .call_async(addr, Packet::new(1, "future"), Some(NEVER))
+        .expect("submit");
+    let blocking = {
+        let client = client.clone();
+        thread::spawn(move || client.call(addr, Packet::new(1, "blocking"), Some(NEVER)))
+    };
+    first.wait_received(3);
+    stop(&first.transport);
+
+    recorder.wait_all_called();
+    let callback = recorder.results().remove(0);
+    assert!(matches!(callback, Err(Error::Disconnected)), "{callback:?}");
+    let future = within("future", move || tokio_test::block_on(future));
+    assert!(matches!(future, Err(Error::Disconnected)), "{future:?}");
+    let blocking = within("blocking call", move || blocking.join().unwrap());
+    assert!(matches!(blocking, Err(Error::Disconnected)), "{blocking:?}");
+    assert_eq!(client.connections(), 0, "the lost connection is not reused");
+
+    // A connection that was open and got lost is retried at once.
+
+    let second = listen_again(addr);
+    let response = client.call(addr, Packet::new(1, "again"), Some(NEVER));
+    assert_eq!(response.expect("served by the new server").body(), "again");
+    assert_eq!(client.connections(), 1);
+    assert_eq!(client_transport.stats().connections_total, 2);
+    assert_eq!(second.stats().packets_in, 1);
+}
+
+#[test]
+fn a_call_after_the_server_dropped_the_connection_opens_a_new_one() {
+    let listener = TcpListener::bind(loopback()).expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let raw = thread::spawn(move || {
+        // First connection: read the request, close without answering.
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        read_frame(&mut stream).expect("request 1");
+        drop(stream);
+        // Second connection: answer.
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let request = read_frame(&mut stream).expect("request 2");
+        send_bytes(&mut stream, &frame(request.chid, request.pcode, b"second"));
+        let _ = read_frame(&mut stream); // until the client closes
+    });
+    let client_transport = transport();
+    let client = ConnectionManager::new(&client_transport);
+
+    let first = client.call(addr, Packet::new(1, "one"), Some(NEVER));
+    assert!(matches!(first, Err(Error::Disconnected)), "{first:?}");
+    let second = client.call(addr, Packet::new(1, "two"), Some(NEVER));
+    assert_eq!(second.expect("a new connection").body(), "second");
+    assert_eq!(client_transport.stats().connections_total, 2);
+
+    stop(&client_transport);
+    within("raw server", move || raw.join().unwrap());
+}
+
+#[test]
+fn while_down_requests_fail_fast_during_the_backoff_without_connecting() {
+    let addr = dead_address();
+    let client_transport = transport();
+    let client = ConnectionManager::new(&client_transport).with_backoff(Backoff {
+        initial: NEVER,
+        max: NEVER,
+    });
+
+    let refused = client.call(addr, Packet::new(1, "refused"), Some(NEVER));
+    assert!(matches!(refused, Err(Error::Disconnected)), "{refused:?}");
+    let attempts = client_transport.stats().connections_total;
+    for _ in 0..3 {
+        let fast = client.call(addr, Packet::new(1, "backing off"), Some(NEVER));
+        assert!(matches!(fast, Err(Error::Disconnected)), "{fast:?}");
+    }
+    assert_eq!(
+        client_transport.stats().connections_total,
+        attempts,
+        "no connect attempt during the backoff"
+    );
+}
+
+#[test]
+fn while_down_queue_waits_out_the_backoff_then_connects() {
+    let addr = dead_address();
+    let client_transport = transport();
+    let backoff = Backoff {
+        initial: SHORT_TIMEOUT,
+        max: SHORT_TIMEOUT,
+    };
+    let client = ConnectionManager::new(&client_transport)
+        .with_backoff(backoff)
+        .with_while_down(WhileDown::Queue);
+
+    let refused = client.call(addr, Packet::new(1, "refused"), Some(NEVER));
+    assert!(matches!(refused, Err(Error::Disconnected)), "{refused:?}");
+    let _server = listen_again(addr);
+    // Queued on a connection that starts connecting when the backoff ends.
+    let response = client.call(addr, Packet::new(1, "queued"), Some(NEVER));
+    assert_eq!(response.expect("served after the backoff").body(), "queued");
+}
+
+/// An address that refuses connections: a server's, after it stopped.
+fn dead_address() -> SocketAddr {
+    let server = echo_server();
+    stop(&server.transport);
+    server.addr
+}
+
+/// An echo server on `addr`, retrying while the port is still held (bounded).
+fn listen_again(addr: SocketAddr) -> Transport {
+    let server = transport();
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        match server.listen(addr, echo) {
+            Ok(bound) => {
+                assert_eq!(bound, addr);
+                return server;
+            }
+            Err(_) if Instant::now() < deadline => {
+                // A back-off between bind attempts, not synchronisation.
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("could not listen on {addr} again: {e}"),
+        }
+    }
+}
+
+#[test]
+fn connections_are_reused_per_server() {
+    let a = echo_server();
+    let b = echo_server();
+    let client_transport = transport();
+    let client = ConnectionManager::new(&client_transport);
+    for round in 0..3 {
+        for server in [&a, &b] {
+            let response = client.call(server.addr, Packet::new(1, "hi"), Some(NEVER));
+            assert_eq!(response.expect("a response").body(), "hi", "round {round}");
+        }
+    }
+    assert_eq!(client.connections(), 2);
+    assert_eq!(a.transport.stats().connections, 1);
+    assert_eq!(client_transport.stats().connections_total, 2);
+}

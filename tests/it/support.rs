@@ -1,0 +1,332 @@
+//! Fixtures shared by the tests: loopback servers, hand-built tbnet frames,
+//! callback recorders, and bounded waits.
+//!
+//! Two kinds of durations appear in the tests. *Hang guards* (`HANG_GUARD`,
+//! `WAIT_LIMIT`) are long: they only turn a hang into a failure and never
+//! pass on a healthy run, however loaded the machine. *Provoking* timeouts
+//! (`SHORT_TIMEOUT`) are short: they are meant to pass, to produce
+//! `Error::Timeout`.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::panic;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use tbnet::{Error, Packet, Responder, Transport};
+
+/// The longest a test waits for something that should happen at once.
+pub const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// The longest [`wait_until`] polls a condition in these tests.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(20);
+
+/// A request timeout that never passes during a test.
+pub const NEVER: Duration = Duration::from_secs(300);
+
+/// A request timeout meant to pass: provokes `Error::Timeout`.
+pub const SHORT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// tbnet's default frame flag, ASCII "AnEt", spelled out independently of
+/// the crate's constant.
+pub const FLAG: u32 = 0x416E_4574;
+
+/// The address every server binds: loopback, port chosen by the OS.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Polls `condition` every few milliseconds until it holds (true) or `limit`
+/// passes (false).
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Runs `f` on its own thread and returns its result; panics if it takes
+/// longer than [`HANG_GUARD`], and re-raises its panic if it panics.
+pub fn within<T, F>(what: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (done, finished) = mpsc::channel();
+    let handle = thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    match finished.recv_timeout(HANG_GUARD) {
+        Ok(value) => value,
+        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(payload) => panic::resume_unwind(payload),
+            Ok(()) => unreachable!("{what} returned without sending its result"),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} still running after {HANG_GUARD:?}"),
+    }
+}
+
+/// Stops `transport` under the hang guard.
+pub fn stop(transport: &Transport) {
+    let transport = transport.clone();
+    within("Transport::stop", move || transport.stop());
+}
+
+/// A transport with a small worker pool, as every test uses.
+pub fn transport() -> Transport {
+    Transport::builder()
+        .workers(2)
+        .start()
+        .expect("start a transport")
+}
+
+/// A server transport and the address it listens on.
+pub struct Server {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+}
+
+/// A server that answers every request with its own packet code and body.
+pub fn echo_server() -> Server {
+    let transport = transport();
+    let addr = transport.listen(loopback(), echo).expect("listen");
+    Server { transport, addr }
+}
+
+/// A server that never replies: it keeps every request with its responder,
+/// so a test can answer later, in any order, or never.
+pub struct SilentServer {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    held: Arc<Mutex<Vec<(Packet, Responder)>>>,
+    received: Arc<AtomicUsize>,
+}
+
+impl SilentServer {
+    pub fn start() -> Self {
+        let transport = transport();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(AtomicUsize::new(0));
+        let addr = {
+            let held = held.clone();
+            let received = received.clone();
+            transport
+                .listen(loopback(), move |request: Packet, responder: Responder| {
+                    held.lock().unwrap().push((request, responder));
+                    received.fetch_add(1, Ordering::SeqCst);
+                })
+                .expect("listen")
+        };
+        SilentServer {
+            transport,
+            addr,
+            held,
+            received,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` requests arrived; fails the test if they do not.
+    pub fn wait_received(&self, n: usize) {
+        assert!(
+            wait_until(WAIT_LIMIT, || self.received() >= n),
+            "the server received {} of {n} requests",
+            self.received()
+        );
+    }
+
+    /// Takes the requests held so far, in arrival order.
+    pub fn take(&self) -> Vec<(Packet, Responder)> {
+        std::mem::take(&mut *self.held.lock().unwrap())
+    }
+}
+
+/// Answers `request` with its own packet code and body (a reply for a
+/// connection that closed meanwhile is dropped).
+pub fn echo(request: Packet, responder: Responder) {
+    let _ = responder.reply(request.reply(request.body().clone()));
+}
+
+/// Counts and keeps the outcomes delivered to callbacks, one slot per
+/// request.
+pub struct Recorder {
+    calls: Vec<AtomicUsize>,
+    results: Mutex<Vec<Option<Result<Packet, Error>>>>,
+}
+
+impl Recorder {
+    pub fn new(requests: usize) -> Arc<Self> {
+        Arc::new(Recorder {
+            calls: (0..requests).map(|_| AtomicUsize::new(0)).collect(),
+            results: Mutex::new(vec![None; requests]),
+        })
+    }
+
+    /// A callback that records its outcome in slot `index`.
+    pub fn handler(self: &Arc<Self>, index: usize) -> impl FnOnce(Result<Packet, Error>) + Send {
+        let recorder = self.clone();
+        move |result| {
+            recorder.calls[index].fetch_add(1, Ordering::SeqCst);
+            recorder.results.lock().unwrap()[index] = Some(result);
+        }
+    }
+
+    /// How many times each slot's callback ran.
+    pub fn calls(&self) -> Vec<usize> {
+        self.calls
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// How many callbacks ran, in all.
+    pub fn total_calls(&self) -> usize {
+        self.calls().iter().sum()
+    }
+
+    /// Waits until every callback ran; fails the test if one does not.
+    pub fn wait_all_called(&self) {
+        assert!(
+            wait_until(WAIT_LIMIT, || self.calls().iter().all(|&n| n > 0)),
+            "callbacks ran {:?} times",
+            self.calls()
+        );
+    }
+
+    /// The recorded outcomes of the first `n` slots.
+    pub fn results_of(&self, n: usize) -> Vec<Result<Packet, Error>> {
+        let results = self.results.lock().unwrap();
+        (results[..n].iter())
+            .map(|r| r.clone().expect("every callback ran"))
+            .collect()
+    }
+
+    /// The recorded outcomes, by slot.
+    pub fn results(&self) -> Vec<Result<Packet, Error>> {
+        let results = self.results.lock().unwrap();
+        (results.iter())
+            .map(|r| r.clone().expect("every callback ran"))
+            .collect()
+    }
+}
+
+/// A latch a server handler can block on until the test opens it.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+
+    /// Blocks until the gate is open.
+    pub fn pass(&self) {
+        let mut open = self.0 .0.lock().unwrap();
+        while !*open {
+            open = self.0 .1.wait(open).unwrap();
+        }
+    }
+}
+
+/// One frame as it travels on the wire, parsed by hand from `WIRE.md`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    pub flag: u32,
+    pub chid: u32,
+    pub pcode: i32,
+    pub body: Vec<u8>,
+}
+
+/// A 16-byte tbnet header: flag, chid, pcode, dataLen, all big-endian.
+pub fn header(flag: u32, chid: u32, pcode: i32, len: i32) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[0..4].copy_from_slice(&flag.to_be_bytes());
+    bytes[4..8].copy_from_slice(&chid.to_be_bytes());
+    bytes[8..12].copy_from_slice(&pcode.to_be_bytes());
+    bytes[12..16].copy_from_slice(&len.to_be_bytes());
+    bytes
+}
+
+/// A whole frame with the default flag.
+pub fn frame(chid: u32, pcode: i32, body: &[u8]) -> Vec<u8> {
+    let len = i32::try_from(body.len()).expect("test bodies are small");
+    let mut bytes = header(FLAG, chid, pcode, len).to_vec();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Reads one frame (the announced length is trusted: the peer is ours).
+pub fn read_frame(stream: &mut impl Read) -> io::Result<RawFrame> {
+    let mut header = [0; 16];
+    stream.read_exact(&mut header)?;
+    let field = |i: usize| [header[i], header[i + 1], header[i + 2], header[i + 3]];
+    let len = i32::from_be_bytes(field(12));
+    let len = usize::try_from(len).expect("a non-negative length");
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body)?;
+    Ok(RawFrame {
+        flag: u32::from_be_bytes(field(0)),
+        chid: u32::from_be_bytes(field(4)),
+        pcode: i32::from_be_bytes(field(8)),
+        body,
+    })
+}
+
+/// A plain `std::net` server for one connection: `serve` runs on its own
+/// thread with the accepted stream (reads time out after [`HANG_GUARD`]).
+pub fn raw_server<T, F>(serve: F) -> (SocketAddr, JoinHandle<T>)
+where
+    T: Send + 'static,
+    F: FnOnce(TcpStream) -> T + Send + 'static,
+{
+    let listener = TcpListener::bind(loopback()).expect("bind a raw server");
+    let addr = listener.local_addr().expect("raw server address");
+    let handle = thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        serve(stream)
+    });
+    (addr, handle)
+}
+
+/// A plain `std::net` client connected to `addr` (reads time out after
+/// [`HANG_GUARD`]).
+pub fn raw_client(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect a raw client");
+    stream.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Whether the peer closed `stream`: a read returns end of file or a reset
+/// (rather than data, or timing out).
+pub fn closed_by_peer(stream: &mut TcpStream) -> bool {
+    let mut byte = [0; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        ),
+    }
+}
+
+/// Writes `bytes` and flushes.
+pub fn send_bytes(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).expect("write to the peer");
+    stream.flush().expect("flush");
+}
