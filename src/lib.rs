@@ -143,28 +143,62 @@
 //!
 //! # Guarantees
 //!
-//! - **Exactly once.** A pending request leaves its [`ChannelPool`] by one
-//!   of response, deadline, cancel, failure of its connection or shutdown,
-//!   and the remover fires its [`Completion`]. A completion dropped unfired
-//!   fires [`Error::Shutdown`], so even a panic cannot leave a caller hanging.
-//!   A submission that is refused returns the packet instead and fires
-//!   nothing.
-//! - **No late delivery.** A channel id carries its slot's generation: a
-//!   response for a request that already ended matches nothing and is
-//!   counted in [`StatsSnapshot::late_responses`].
-//! - **Bounded memory.** Frame bodies are capped (64 MiB by default) and
-//!   checked before any body byte is expected; read buffers grow only with
-//!   bytes that actually arrived. Pending requests per connection are capped
-//!   ([`DEFAULT_QUEUE_LIMIT`]); the worker queue is bounded and, when full,
-//!   pauses reading instead of dropping requests.
-//! - **Hostile bytes cost one connection.** A malformed header closes that
-//!   connection with a `warn!` naming the peer and the reason; its pending
-//!   requests fail with [`Error::Disconnected`]; nothing panics.
-//! - **Channel id 0** marks a one-way request: the adaptor sees it, and its
-//!   [`Responder`] discards any reply (tbnet's C++ server aborts on it).
-//! - **Shutdown always returns.** [`Transport::stop`] fails pending requests
-//!   with [`Error::Shutdown`], flushes replies for a grace period and joins
-//!   its threads; a worker stuck in a handler is left detached.
+//! **Exactly once.** A pending request leaves its [`ChannelPool`] by one of
+//! response, deadline, cancel (its future or `WaitObject` dropped), failure
+//! of its connection, or shutdown, and the remover fires its [`Completion`]
+//! once. A completion dropped unfired fires [`Error::Shutdown`], so even a
+//! panic cannot leave a caller hanging. A submission that is refused
+//! returns the packet instead ([`SendError::into_inner`]) and fires nothing.
+//! A channel id carries its slot's generation, so a response for a request
+//! that already ended matches nothing; it is dropped and counted in
+//! [`StatsSnapshot::late_responses`].
+//!
+//! **Bounded memory.** Every buffer has a limit, and none grows with what a
+//! peer merely announces:
+//!
+//! | what | limit (default) | when reached |
+//! |------|-----------------|--------------|
+//! | frame body | [`proto::DefaultStreamer::with_max_body_len`] (64 MiB) | connection closed |
+//! | read buffer | grows only with bytes received, one [`read_chunk`](TransportBuilder::read_chunk) (64 KiB) at a time | — |
+//! | requests pending per connection | [`ConnectionManager::with_queue_limit`] (256) | [`Error::QueueFull`], packet handed back |
+//! | unwritten bytes per connection | [`TransportBuilder::max_outbound`] (8 MiB) | server: stops reading that peer; client: [`Error::QueueFull`] |
+//! | worker queue | [`TransportBuilder::worker_queue`] (4096) | the IO thread stops reading until there is room; nothing dropped |
+//! | silent server connections | [`TransportBuilder::idle_timeout`] (900 s) | connection closed |
+//!
+//! **What a hostile peer can do.** A wrong flag, a negative or oversized
+//! length, or any bytes that do not parse close that one connection with a
+//! `warn!` naming the peer and the reason; its pending requests fail with
+//! [`Error::Disconnected`]; nothing panics and no other connection notices.
+//! A header announcing 64 MiB costs the bytes that actually follow it. A
+//! request with channel id 0 is one-way: the adaptor sees it, and its
+//! [`Responder`] discards any reply (tbnet's C++ server aborts on it). A
+//! peer that never reads costs at most `max_outbound` plus its socket
+//! buffers. What a peer *can* do is hold connections open (bounded by the
+//! idle timeout and the OS's descriptor limit) and send valid requests as
+//! fast as TCP lets it, which the worker queue turns into back-pressure.
+//!
+//! **What runs where.** Only `tbnet-io` touches sockets. Server adaptors run
+//! on the workers, or on `tbnet-io` with [`Dispatch::IoThread`] (then they
+//! must not block). Client callbacks always run on the workers: a slow
+//! callback delays other callbacks, never IO or timeouts. Blocking waits and
+//! futures are woken from `tbnet-io` (responses, disconnects) or
+//! `tbnet-timer` (timeouts). A panicking handler or callback is caught and
+//! logged.
+//!
+//! **Faults.** A connection that closes, resets or fails to connect fails
+//! its pending requests with [`Error::Disconnected`] at once; the next
+//! request reconnects, with exponential backoff and jitter after failed
+//! attempts ([`Backoff`], [`WhileDown`]). A new connection never sees the
+//! old one's partial input. A peer that vanished without FIN or RST is
+//! noticed by request deadlines, and, with
+//! [`TransportBuilder::tcp_keepalive`], by the kernel, which then closes it.
+//!
+//! **Shutdown always returns.** [`Transport::stop`] (or dropping the last
+//! handle) stops accepting, fails pending client requests with
+//! [`Error::Shutdown`], lets running handlers finish and flushes their
+//! replies for up to [`TransportBuilder::shutdown_grace`] (500 ms), then
+//! joins its threads. A handler still running after the grace period keeps
+//! its (detached) worker thread; its reply is dropped.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]

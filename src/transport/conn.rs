@@ -43,6 +43,8 @@ pub(crate) struct ConnState {
     opened: bool,
     /// Earliest deadline registered with the timer for this connection.
     timer_at: Option<Instant>,
+    /// When the timer next checks this connection for idleness.
+    idle_at: Option<Instant>,
 }
 
 /// A submission the connection refused, with everything handed back.
@@ -53,6 +55,8 @@ pub(crate) struct Rejected {
 }
 
 pub(crate) struct Conn {
+    /// Unique within its transport.
+    id: u64,
     peer: SocketAddr,
     side: Side,
     pub(crate) shared: Arc<Shared>,
@@ -75,6 +79,7 @@ impl Conn {
             Side::Server => Status::Open,
         };
         Conn {
+            id: shared.next_conn_id.fetch_add(1, Ordering::Relaxed),
             peer,
             side,
             shared,
@@ -84,6 +89,7 @@ impl Conn {
                 opened: side == Side::Server,
                 status,
                 timer_at: None,
+                idle_at: None,
             }),
             flush_scheduled: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
@@ -128,6 +134,18 @@ impl Conn {
     /// was counts as a failed connect attempt).
     pub(crate) fn was_opened(&self) -> bool {
         self.state.lock().opened
+    }
+
+    /// Has the timer check at `at` whether the peer went silent, unless the
+    /// connection closed. The registration happens under the connection's
+    /// lock, so it can never outlive the close that removes it.
+    pub(crate) fn arm_idle(self: &Arc<Self>, at: Instant) {
+        let mut state = self.state.lock();
+        if matches!(state.status, Status::Closed(_)) {
+            return;
+        }
+        state.idle_at = Some(at);
+        self.shared.timer.insert_idle(at, self.id, self.clone());
     }
 
     /// IO thread: the peer just sent something.
@@ -280,6 +298,7 @@ impl Conn {
             _ => Error::Disconnected,
         };
         let before = out.len();
+        let mut idle = None;
         {
             let mut state = self.state.lock();
             if matches!(state.status, Status::Closed(_)) {
@@ -289,7 +308,12 @@ impl Conn {
             state.pool.fail_all(&request_error, out);
             state.out = WriteQueue::new();
             state.timer_at = None;
+            if let Some(at) = state.idle_at.take() {
+                // Dropped after the lock: it may be the last reference.
+                idle = self.shared.timer.remove_idle(at, self.id);
+            }
         }
+        drop(idle);
         self.shared.stats.pending_removed(out.len() - before);
         true
     }

@@ -242,9 +242,7 @@ impl IoLoop {
         }
         if let (Some(_), Some(idle)) = (&server, self.shared.config.idle_timeout) {
             conn.touch();
-            self.shared
-                .timer
-                .register_idle(Instant::now() + idle, conn.clone());
+            conn.arm_idle(Instant::now() + idle);
         }
         conn.set_token(token);
         entry.insert(Endpoint::Conn(IoConn {

@@ -54,12 +54,17 @@ pub(crate) struct Config {
 }
 
 /// State every transport thread and handle shares.
+///
+/// Connections point back to it, so whatever holds a connection (a queued
+/// command, job or timer entry) keeps it alive: `stop` empties every such
+/// queue once the threads are gone.
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) streamer: Arc<dyn PacketStreamer>,
     pub(crate) stats: Stats,
     /// Origin of the coarse millisecond clock connections stamp activity with.
     pub(crate) epoch: std::time::Instant,
+    pub(crate) next_conn_id: crate::sync::AtomicU64,
     pub(crate) timer: TimerQueue,
     pub(crate) workers: WorkQueues,
     commands: SegQueue<Command>,
@@ -268,6 +273,7 @@ impl TransportBuilder {
             streamer: self.streamer,
             stats: Stats::default(),
             epoch: std::time::Instant::now(),
+            next_conn_id: crate::sync::AtomicU64::new(0),
             commands: SegQueue::new(),
             waker,
             io_awake: AtomicBool::new(true),
@@ -449,6 +455,7 @@ impl Inner {
         let _ = join(threads.timer, "timer");
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.workers_exited.store(true, Ordering::SeqCst);
+        shared.workers.drop_requests();
         shared.workers.drain_callbacks();
         *self.stopped.lock() = true;
         self.stopped_cond.notify_all();

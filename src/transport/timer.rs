@@ -9,7 +9,7 @@
 //! cost follows what is due, not how many requests or connections exist.
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,6 @@ enum Kind {
     Connect,
     /// Start connecting (a reconnect delayed by backoff).
     ConnectAt,
-    /// Close the server connection if its peer has been silent too long.
-    Idle,
 }
 
 struct Entry {
@@ -58,6 +56,10 @@ impl Ord for Entry {
 #[derive(Default)]
 struct State {
     heap: BinaryHeap<Reverse<Entry>>,
+    /// Server connections by the time their idleness is next checked. Unlike
+    /// the heap, entries leave when their connection closes, so a closed
+    /// connection is never kept for the length of the idle timeout.
+    idle: BTreeMap<(Instant, u64), Arc<Conn>>,
     seq: u64,
     /// When the sleeping thread will next look, if it sleeps.
     sleeping_until: Option<Instant>,
@@ -95,10 +97,26 @@ impl TimerQueue {
         self.push(at, Kind::ConnectAt, conn)
     }
 
-    /// Checks at `at` whether `conn`'s peer has been silent for the idle
-    /// timeout.
-    pub(crate) fn register_idle(&self, at: Instant, conn: Arc<Conn>) {
-        self.push(at, Kind::Idle, conn);
+    /// Checks at `at` whether connection `id`'s peer has been silent for the
+    /// idle timeout. Called with the connection's state locked (see
+    /// [`Conn::arm_idle`]).
+    pub(crate) fn insert_idle(&self, at: Instant, id: u64, conn: Arc<Conn>) {
+        let wake = {
+            let mut state = self.state.lock();
+            if state.stopping {
+                return;
+            }
+            state.idle.insert((at, id), conn);
+            state.sleeping_until.is_some_and(|until| at < until)
+        };
+        if wake {
+            self.wakeup.notify_one();
+        }
+    }
+
+    /// Forgets connection `id`'s idle check at `at` (it closed).
+    pub(crate) fn remove_idle(&self, at: Instant, id: u64) -> Option<Arc<Conn>> {
+        self.state.lock().idle.remove(&(at, id))
     }
 
     fn push(&self, at: Instant, kind: Kind, conn: Arc<Conn>) -> bool {
@@ -127,11 +145,15 @@ impl TimerQueue {
     /// for a delayed connect: nobody else knows them, so the caller fails
     /// their requests.
     pub(crate) fn stop(&self) -> Vec<Arc<Conn>> {
-        let dropped = {
+        let (dropped, idle) = {
             let mut state = self.state.lock();
             state.stopping = true;
-            std::mem::take(&mut state.heap)
+            (
+                std::mem::take(&mut state.heap),
+                std::mem::take(&mut state.idle),
+            )
         };
+        drop(idle);
         self.wakeup.notify_one();
         (dropped.into_iter())
             .filter(|Reverse(entry)| entry.kind == Kind::ConnectAt)
@@ -144,6 +166,7 @@ impl TimerQueue {
 pub(crate) fn run(shared: &Shared) {
     let timer = &shared.timer;
     let mut due: Vec<Entry> = Vec::new();
+    let mut idle_due: Vec<Arc<Conn>> = Vec::new();
     let mut readies = Vec::new();
     loop {
         {
@@ -162,11 +185,22 @@ pub(crate) fn run(shared: &Shared) {
                     };
                     due.push(entry);
                 }
-                if !due.is_empty() {
+                while let Some(entry) = state.idle.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    idle_due.push(entry.remove());
+                }
+                if !due.is_empty() || !idle_due.is_empty() {
                     state.sleeping_until = None;
                     break;
                 }
+                let next_idle = state.idle.first_key_value().map(|((at, _), _)| *at);
                 let next = state.heap.peek().map(|Reverse(e)| e.at);
+                let next = match (next, next_idle) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let until = next.map_or(now + timer.tick, |at| at.min(now + timer.tick));
                 state.sleeping_until = Some(until);
                 state = timer.wakeup.wait_until(state, until);
@@ -191,24 +225,21 @@ pub(crate) fn run(shared: &Shared) {
                         shared.command(Command::Connect(entry.conn));
                     }
                 }
-                Kind::Idle => {
-                    let Some(limit) = shared.config.idle_timeout else {
-                        continue;
-                    };
-                    if entry.conn.is_closed() {
-                        continue;
-                    }
-                    let due = entry.conn.last_active() + limit;
-                    if due <= now {
-                        tracing::info!(peer = %entry.conn.peer(), "closing idle connection");
-                        shared.command(Command::Close(entry.conn, Error::Timeout));
-                    } else {
-                        timer.register_idle(due, entry.conn);
-                    }
-                }
             }
             for ready in readies.drain(..) {
                 shared.deliver(ready);
+            }
+        }
+        for conn in idle_due.drain(..) {
+            let Some(limit) = shared.config.idle_timeout else {
+                continue;
+            };
+            let due = conn.last_active() + limit;
+            if due <= now {
+                tracing::info!(peer = %conn.peer(), "closing idle connection");
+                shared.command(Command::Close(conn, Error::Timeout));
+            } else {
+                conn.arm_idle(due);
             }
         }
     }

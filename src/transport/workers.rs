@@ -113,6 +113,15 @@ impl WorkQueues {
         self.requests.is_empty() && self.callbacks.is_empty()
     }
 
+    /// Drops requests still queued: the transport stopped before a worker
+    /// took them. (Their responders hold their connections, which hold the
+    /// transport's shared state: left queued they would keep it alive.)
+    pub(crate) fn drop_requests(&self) {
+        while let Some(job) = self.requests.pop() {
+            drop(job);
+        }
+    }
+
     /// Runs callbacks still queued (on the calling thread). Used when the
     /// workers are gone.
     pub(crate) fn drain_callbacks(&self) {
@@ -240,6 +249,7 @@ pub(crate) fn finish_stop(
             "workers still inside a handler after the shutdown grace period; left detached"
         );
     }
+    queues.drop_requests();
     queues.drain_callbacks();
     stuck
 }

@@ -23,6 +23,16 @@ fn resident_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// A refused submission (server down, queue full) waits a moment before the
+/// next, as a real client would.
+fn pause() {
+    thread::sleep(Duration::from_millis(1));
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
+}
+
 /// xorshift64: cheap, deterministic per thread.
 struct Rng(u64);
 
@@ -90,7 +100,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let max_requests = 50_000_000usize;
+    let max_requests = 150_000_000usize;
     let ledger = Arc::new(Ledger {
         ended: (0..max_requests).map(|_| AtomicU8::new(0)).collect(),
         issued: AtomicU64::new(0),
@@ -113,7 +123,11 @@ fn soak_chaos_every_request_ends_exactly_once() {
                 max: Duration::from_millis(50),
             }),
     );
-    let rss_start = resident_bytes();
+    // Touch every ledger page now, so its memory counts from the start.
+    for slot in &ledger.ended {
+        slot.store(0, Ordering::Relaxed);
+    }
+    let fds_start = open_fds();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let running = Arc::new(AtomicBool::new(true));
 
@@ -177,8 +191,9 @@ fn soak_chaos_every_request_ends_exactly_once() {
                             for (id, body) in ids {
                                 let request = Packet::new(1, body.clone());
                                 let result = manager.call(addr, request, timeout);
-                                if matches!(result, Err(Error::QueueFull)) {
+                                if matches!(result, Err(Error::QueueFull | Error::Disconnected)) {
                                     refused += 1;
+                                    pause();
                                 }
                                 ledger.end(id, &body, result);
                             }
@@ -194,6 +209,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
                                 if let Err(e) = sent {
                                     refused += 1;
                                     ledger.end(id, &[], Err(e.into_parts().0));
+                                    pause();
                                 }
                             }
                         }
@@ -210,6 +226,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
                                         Err(e) => {
                                             refused += 1;
                                             ledger.end(id, &[], Err(e.into_parts().0));
+                                            pause();
                                         }
                                     }
                                 }
@@ -227,6 +244,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
                                         Err(e) => {
                                             refused += 1;
                                             ledger.end(id, &[], Err(e.into_parts().0));
+                                            pause();
                                         }
                                     }
                                 }
@@ -244,6 +262,12 @@ fn soak_chaos_every_request_ends_exactly_once() {
         })
         .collect();
 
+    // The starting range of memory is taken once the allocator has warmed
+    // up (its per-thread arenas are set up in the first moments).
+    thread::sleep(Duration::from_secs(secs.min(10) / 5));
+    let rss_start = resident_bytes();
+    // The clients run until the deadline; only then does a hang guard apply.
+    thread::sleep(deadline.saturating_duration_since(Instant::now()));
     let refused: u64 = clients
         .into_iter()
         .map(|h| within("a client thread", move || h.join().unwrap()))
@@ -266,12 +290,13 @@ fn soak_chaos_every_request_ends_exactly_once() {
     stop(&client);
     stop(&server.lock().unwrap());
     let rss_end = resident_bytes();
+    let fds_end = open_fds();
     let ok = ledger.ok.load(Ordering::SeqCst);
     let failed = ledger.failed.load(Ordering::SeqCst);
     let mismatched = ledger.mismatched.load(Ordering::SeqCst);
     println!(
-        "soak {secs}s: {issued} requests, {ok} ok, {failed} failed ({refused} refused at submit), \
-         {mismatched} mismatched, {restarts} server restarts, rss {} -> {} MiB",
+        "soak {secs}s: {issued} requests, {ok} ok, {failed} failed ({refused} refused or disconnected), \
+         {mismatched} mismatched, {restarts} server restarts, rss {} -> {} MiB, fds {fds_start} -> {fds_end}",
         rss_start >> 20,
         rss_end >> 20
     );
@@ -280,6 +305,11 @@ fn soak_chaos_every_request_ends_exactly_once() {
     assert_eq!(mismatched, 0);
     assert_eq!(ok + failed, issued as u64);
     assert!(ok > 0);
+    // Every restarted server released its descriptors.
+    assert!(
+        fds_end <= fds_start + 8,
+        "descriptors: {fds_start} -> {fds_end}"
+    );
     assert!(
         rss_end < rss_start + (64 << 20),
         "memory grew from {} to {} MiB",

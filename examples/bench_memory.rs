@@ -1,0 +1,244 @@
+//! Memory benchmark: heap and resident memory per idle connection and per
+//! pending request, and heap allocations per request on the server's
+//! steady-state path.
+//!
+//! ```sh
+//! cargo run --release --example bench_memory
+//! cargo run --release --example bench_memory -- --conns 5000 --pending 1000000 --requests 200000
+//! ```
+//!
+//! Heap figures come from dhat's counting allocator (installed as this
+//! binary's global allocator), resident figures from `/proc/self/statm`.
+//! Opening 5,000 connections needs about 10,500 file descriptors
+//! (`ulimit -n`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tbnet::{ConnectionManager, Dispatch, Packet, Responder, Transport};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+const FLAG: u32 = 0x416E_4574;
+
+fn resident() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+struct Mem {
+    heap: u64,
+    blocks: u64,
+    allocations: u64,
+    rss: u64,
+}
+
+fn measure() -> Mem {
+    let stats = dhat::HeapStats::get();
+    Mem {
+        heap: stats.curr_bytes as u64,
+        blocks: stats.curr_blocks as u64,
+        allocations: stats.total_blocks,
+        rss: resident(),
+    }
+}
+
+fn frame(chid: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16 + body.len());
+    f.extend_from_slice(&FLAG.to_be_bytes());
+    f.extend_from_slice(&chid.to_be_bytes());
+    f.extend_from_slice(&1i32.to_be_bytes());
+    f.extend_from_slice(&(body.len() as i32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn echo(request: Packet, responder: Responder) {
+    let _ = responder.reply(request.reply(request.body().clone()));
+}
+
+fn server(dispatch: Dispatch) -> (Transport, SocketAddr) {
+    let t = Transport::builder()
+        .workers(2)
+        .dispatch(dispatch)
+        .start()
+        .expect("server transport");
+    let addr = t
+        .listen("127.0.0.1:0".parse().unwrap(), echo)
+        .expect("listen");
+    (t, addr)
+}
+
+/// Bytes per idle server connection: `n` raw clients connect, do one
+/// request/response each (so every buffer has been used), then stay idle.
+fn idle_connections(n: usize) {
+    let (transport, addr) = server(Dispatch::IoThread);
+    let request = frame(1, b"hello");
+    let before = measure();
+    let mut clients = Vec::with_capacity(n);
+    let mut reply = [0u8; 21];
+    for _ in 0..n {
+        let mut c = TcpStream::connect(addr).expect("connect (raise ulimit -n?)");
+        c.write_all(&request).unwrap();
+        c.read_exact(&mut reply).unwrap();
+        clients.push(c);
+    }
+    wait_for("connections", Duration::from_secs(60), || {
+        transport.stats().connections >= n as u64
+    });
+    let after = measure();
+    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
+    println!(
+        "idle connection (after one request), {n} conns: heap {:.0} B/conn ({:.1} blocks), resident {:.0} B/conn \
+         (server and client sockets in one process)",
+        per(after.heap, before.heap),
+        per(after.blocks, before.blocks),
+        per(after.rss, before.rss)
+    );
+    drop(clients);
+    transport.stop();
+}
+
+/// A raw server that reads and discards everything: requests stay pending.
+fn sink() -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        while !flag.load(Ordering::SeqCst) {
+            // Timeouts only let the loop see the stop flag.
+            if let Ok(0) = s.read(&mut buf) {
+                break;
+            }
+        }
+    });
+    (addr, stop)
+}
+
+/// Bytes per pending request: `n` requests to a server that never answers.
+fn pending_requests(n: usize) {
+    let (addr, stop) = sink();
+    let client = Transport::builder().workers(1).start().unwrap();
+    let manager = ConnectionManager::new(&client).with_queue_limit(n + 1);
+    // Open the connection first, so only requests are counted.
+    manager.post(addr, Packet::new(0, "")).unwrap();
+    wait_for("the connection", Duration::from_secs(10), || {
+        client.stats().bytes_out >= 16
+    });
+    let before = measure();
+    let body = bytes::Bytes::from_static(b"0123456789abcdef");
+    for _ in 0..n {
+        manager
+            .send(
+                addr,
+                Packet::new(1, body.clone()),
+                Some(Duration::from_secs(3600)),
+                |_| {},
+            )
+            .expect("queue");
+    }
+    let frames = 16 + (n as u64) * (16 + 16);
+    wait_for("requests written", Duration::from_secs(120), || {
+        client.stats().bytes_out >= frames
+    });
+    let after = measure();
+    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
+    println!(
+        "pending request (callback), {n} pending: heap {:.1} B/request ({:.2} blocks), resident {:.1} B/request",
+        per(after.heap, before.heap),
+        per(after.blocks, before.blocks),
+        per(after.rss, before.rss)
+    );
+    assert_eq!(client.stats().pending, n as u64);
+    client.stop();
+    stop.store(true, Ordering::SeqCst);
+}
+
+/// Heap allocations per request on the server's steady-state path: a raw
+/// pipelined client (which allocates nothing per request) drives the server.
+fn allocations_per_request(dispatch: Dispatch, requests: usize, size: usize) {
+    let (transport, addr) = server(dispatch);
+    let depth = 32;
+    let body = vec![b'x'; size];
+    let one = frame(7, &body);
+    let batch: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * depth)
+        .collect();
+    let mut reply = vec![0u8; one.len() * depth];
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut round = |c: &mut TcpStream| {
+        c.write_all(&batch).unwrap();
+        c.read_exact(&mut reply).unwrap();
+    };
+    // Warm up: buffers reach their steady sizes.
+    for _ in 0..200 {
+        round(&mut c);
+    }
+    let before = measure();
+    let rounds = requests / depth;
+    for _ in 0..rounds {
+        round(&mut c);
+    }
+    let after = measure();
+    let n = (rounds * depth) as f64;
+    println!(
+        "server allocations per request ({dispatch:?}, {size} B bodies, depth {depth}): {:.3} ({} allocations for {} requests)",
+        (after.allocations - before.allocations) as f64 / n,
+        after.allocations - before.allocations,
+        n
+    );
+    drop(c);
+    transport.stop();
+}
+
+fn main() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let mut conns = 5000;
+    let mut pending = 1_000_000;
+    let mut requests = 100_000;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value: usize = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+            eprintln!("usage: bench_memory [--conns N] [--pending N] [--requests N]");
+            std::process::exit(2)
+        });
+        match flag.as_str() {
+            "--conns" => conns = value,
+            "--pending" => pending = value,
+            "--requests" => requests = value,
+            _ => {
+                eprintln!("unknown flag {flag}");
+                std::process::exit(2)
+            }
+        }
+    }
+    allocations_per_request(Dispatch::IoThread, requests, 64);
+    allocations_per_request(Dispatch::Workers, requests, 64);
+    allocations_per_request(Dispatch::IoThread, requests / 10, 4096);
+    idle_connections(conns);
+    pending_requests(pending);
+}
