@@ -50,7 +50,12 @@ pub struct FrameDecoder {
     /// room for the next read (kept, so it is zeroed once, not per read).
     buf: BytesMut,
     filled: usize,
+    /// Most room offered to one read.
     read_chunk: usize,
+    /// Room offered to the next read: doubles while reads fill it (a burst),
+    /// halves when they use little of it, so a quiet connection keeps a small
+    /// buffer and a busy one amortises each allocation over many frames.
+    chunk: usize,
     /// Bytes needed before parsing again is worth it.
     needed: usize,
     /// A decoder that failed stays failed: its stream has no frame boundary.
@@ -77,6 +82,7 @@ impl FrameDecoder {
             buf: BytesMut::new(),
             filled: 0,
             read_chunk: chunk.max(MIN_READ),
+            chunk: MIN_READ,
             needed: 1,
             failed: None,
         }
@@ -103,24 +109,37 @@ impl FrameDecoder {
     /// Reads once from `src` into spare room and returns what `read`
     /// returned (0 means end of stream).
     ///
-    /// The room offered is one read chunk, or less when the frame being
-    /// assembled needs less; it never depends on a length announced by the
-    /// peer beyond that.
+    /// The room offered adapts between 4 KiB and the read chunk: it grows
+    /// while reads fill it and shrinks when they do not. It never depends on
+    /// a length announced by the peer beyond one read chunk.
     ///
     /// # Errors
     /// Whatever `src.read` returns, including `WouldBlock`.
     pub fn read_from<R: Read + ?Sized>(&mut self, src: &mut R) -> io::Result<usize> {
-        let want = if self.needed > self.filled {
-            (self.needed - self.filled).clamp(MIN_READ, self.read_chunk)
-        } else {
-            self.read_chunk
-        };
+        let frame_rest = self.needed.saturating_sub(self.filled);
+        let want = self.chunk.max(frame_rest.min(self.read_chunk));
         if self.buf.len() - self.filled < want {
             self.buf.resize(self.filled + want, 0);
         }
+        let offered = self.buf.len() - self.filled;
         let n = src.read(&mut self.buf[self.filled..])?;
         self.filled += n;
+        if n == offered {
+            self.chunk = (self.chunk * 2).min(self.read_chunk);
+        } else if n < offered / 4 {
+            self.chunk = (self.chunk / 2).max(MIN_READ);
+        }
         Ok(n)
+    }
+
+    /// Releases the buffer if nothing is buffered and it is larger than a
+    /// read chunk (a large frame or a burst passed): an idle connection
+    /// then costs no more than its next read needs.
+    pub fn release_if_idle(&mut self) {
+        if self.filled == 0 && self.buf.capacity() > self.read_chunk {
+            self.buf = BytesMut::new();
+            self.chunk = MIN_READ;
+        }
     }
 
     /// Drops buffered input and releases the buffer (used when a connection

@@ -12,6 +12,44 @@ use crate::packet::Packet;
 /// many small frames); larger ones are queued as their own `Bytes`, uncopied.
 const COPY_MAX: usize = 2048;
 
+/// Headers up to this size travel inline in the chunk list, so a large
+/// body's frame costs no allocation.
+const INLINE_MAX: usize = 32;
+
+/// One contiguous piece of queued output.
+#[derive(Debug)]
+enum Chunk {
+    /// Bytes shared with their owner: a large body, or a run of small frames.
+    Shared(Bytes),
+    /// A frame header, kept by value; `start..end` is still to be written.
+    Inline {
+        bytes: [u8; INLINE_MAX],
+        start: u8,
+        end: u8,
+    },
+}
+
+impl Chunk {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(b) => b,
+            Chunk::Inline { bytes, start, end } => &bytes[*start as usize..*end as usize],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Chunk::Shared(b) => b.advance(n),
+            // n < len <= INLINE_MAX, so the sum fits in a u8.
+            Chunk::Inline { start, .. } => *start += n as u8,
+        }
+    }
+}
+
 /// Encoded frames waiting to be written, as a list of byte chunks.
 ///
 /// Headers and small bodies are packed into a shared tail buffer; large
@@ -40,9 +78,11 @@ const COPY_MAX: usize = 2048;
 /// ```
 #[derive(Debug, Default)]
 pub struct WriteQueue {
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     tail: BytesMut,
     len: usize,
+    /// Frames pushed (or appended) since they were last moved out.
+    frames: usize,
 }
 
 impl WriteQueue {
@@ -61,19 +101,39 @@ impl WriteQueue {
         self.len == 0
     }
 
+    /// Frames pushed into this queue since it was created or last appended
+    /// elsewhere (a queue appended to this one brings its count along).
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
     /// Encodes `packet` at the end of the queue.
     pub fn push<S: PacketStreamer + ?Sized>(&mut self, streamer: &S, packet: &Packet) {
         let before = self.tail.len();
         streamer.encode_header(packet, &mut self.tail);
-        self.len += self.tail.len() - before;
+        let header_len = self.tail.len() - before;
+        self.len += header_len;
+        self.frames += 1;
         let body = packet.body();
+        self.len += body.len();
         if body.len() <= COPY_MAX {
             self.tail.extend_from_slice(body);
+            return;
+        }
+        if header_len <= INLINE_MAX {
+            let mut bytes = [0; INLINE_MAX];
+            bytes[..header_len].copy_from_slice(&self.tail[before..]);
+            self.tail.truncate(before);
+            self.seal_tail();
+            self.chunks.push_back(Chunk::Inline {
+                bytes,
+                start: 0,
+                end: header_len as u8,
+            });
         } else {
             self.seal_tail();
-            self.chunks.push_back(body.clone());
         }
-        self.len += body.len();
+        self.chunks.push_back(Chunk::Shared(body.clone()));
     }
 
     /// Moves everything queued in `other` to the end of this queue, leaving
@@ -85,17 +145,20 @@ impl WriteQueue {
         self.seal_tail();
         self.chunks.append(&mut other.chunks);
         if !other.tail.is_empty() {
-            self.chunks.push_back(other.tail.split().freeze());
+            self.chunks
+                .push_back(Chunk::Shared(other.tail.split().freeze()));
         }
         self.len += other.len;
+        self.frames += other.frames;
         other.len = 0;
+        other.frames = 0;
     }
 
     /// Fills `dst` with the queued chunks, in order; returns how many slices
     /// were filled.
     pub fn io_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
-        let chunks = self.chunks.iter().map(|c| &c[..]).chain(tail);
+        let chunks = self.chunks.iter().map(Chunk::as_slice).chain(tail);
         let mut n = 0;
         for (slot, chunk) in dst.iter_mut().zip(chunks) {
             *slot = IoSlice::new(chunk);
@@ -132,7 +195,8 @@ impl WriteQueue {
     /// Moves the tail's bytes into the chunk list so later bytes go after them.
     fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
-            self.chunks.push_back(self.tail.split().freeze());
+            self.chunks
+                .push_back(Chunk::Shared(self.tail.split().freeze()));
         }
     }
 }

@@ -205,7 +205,6 @@ impl Conn {
         };
         let (id, register) = register;
         self.shared.stats.pending_added();
-        self.shared.stats.packet_out();
         if register {
             self.shared.timer.register(deadline, self.clone());
         }
@@ -230,7 +229,6 @@ impl Conn {
             }
             state.out.push(&*self.shared.streamer, &packet);
         }
-        self.shared.stats.packet_out();
         self.schedule_flush();
         Ok(())
     }
@@ -238,16 +236,35 @@ impl Conn {
     /// Asks the IO thread to write this connection's queue, unless a request
     /// to do so is already on its way.
     pub(crate) fn schedule_flush(self: &Arc<Self>) {
+        // The plain load keeps the common case (a flush already on its way)
+        // free of read-modify-write traffic. Seeing `true` is enough: the IO
+        // thread clears the flag before it takes the queue under its lock,
+        // so a flush that is still pending will take this frame too.
+        if self.flush_scheduled.load(Ordering::Acquire) {
+            return;
+        }
         if !self.flush_scheduled.swap(true, Ordering::AcqRel) {
             self.shared.command(Command::Flush(self.clone()));
         }
+    }
+
+    /// Whether frames are queued and a flush was asked for.
+    pub(crate) fn flush_pending(&self) -> bool {
+        self.flush_scheduled.load(Ordering::Acquire)
     }
 
     /// IO thread: moves queued frames into its own write queue.
     pub(crate) fn take_output(&self, into: &mut WriteQueue) {
         // Clear first: a frame queued after the take schedules a new flush.
         self.flush_scheduled.store(false, Ordering::Release);
-        into.append(&mut self.state.lock().out);
+        let frames = {
+            let mut state = self.state.lock();
+            let frames = state.out.frames();
+            into.append(&mut state.out);
+            frames
+        };
+        // Counted here, once per batch, rather than by every sender.
+        self.shared.stats.packets_out(frames);
     }
 
     /// IO thread: matches responses to pending requests. Responses that

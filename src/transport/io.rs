@@ -347,6 +347,18 @@ impl IoLoop {
 
     /// Reads until `WouldBlock`, decoding and dispatching as it goes.
     fn read(&mut self, token: usize) {
+        self.read_until_blocked(token);
+        // Replies produced on this thread while decoding leave now rather
+        // than after every other ready connection was read: with a fixed
+        // number of requests in flight, latency is throughput.
+        if let Some(c) = self.conn_mut(token) {
+            if c.conn.flush_pending() {
+                self.write(token);
+            }
+        }
+    }
+
+    fn read_until_blocked(&mut self, token: usize) {
         let mut reads = 0;
         loop {
             if let Err(error) = self.decode(token) {
@@ -378,7 +390,10 @@ impl IoLoop {
                     c.conn.touch();
                     self.shared.stats.bytes_in(n as u64);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.decoder.release_if_idle();
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!(peer = %c.conn.peer(), error = %e, "read failed");

@@ -71,8 +71,10 @@ impl Stats {
     pub(crate) fn bad_frame(&self) {
         self.io.add(BAD_FRAMES, 1);
     }
-    pub(crate) fn packet_out(&self) {
-        self.callers.add(PACKETS_OUT, 1);
+    pub(crate) fn packets_out(&self, n: usize) {
+        if n > 0 {
+            self.callers.add(PACKETS_OUT, n as u64);
+        }
     }
     pub(crate) fn pending_added(&self) {
         self.callers.add(PENDING, 1);
@@ -112,7 +114,8 @@ impl Stats {
 pub struct StatsSnapshot {
     /// Packets decoded from all connections (requests and responses).
     pub packets_in: u64,
-    /// Packets queued for sending (requests, one-way posts and replies).
+    /// Packets handed to the IO thread for sending (requests, one-way posts
+    /// and replies).
     pub packets_out: u64,
     /// Bytes read from sockets.
     pub bytes_in: u64,
