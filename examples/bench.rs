@@ -82,9 +82,34 @@ impl RawServer {
 
 struct RawConn {
     stream: TcpStream,
-    input: Vec<u8>,
+    input: Input,
     output: Vec<u8>,
     written: usize,
+}
+
+/// Received bytes, consumed from the front without moving the rest on every
+/// frame (which would make large frames quadratic).
+#[derive(Default)]
+struct Input {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Input {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
 }
 
 fn raw_server_loop(mut poll: Poll, listener: TcpListener, stop: &AtomicBool) {
@@ -111,7 +136,7 @@ fn raw_server_loop(mut poll: Poll, listener: TcpListener, stop: &AtomicBool) {
                         {
                             entry.insert(RawConn {
                                 stream,
-                                input: Vec::new(),
+                                input: Input::default(),
                                 output: Vec::new(),
                                 written: 0,
                             });
@@ -138,17 +163,15 @@ fn raw_serve(conn: &mut RawConn, chunk: &mut [u8]) -> io::Result<()> {
     loop {
         match conn.stream.read(chunk) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+            Ok(n) => conn.input.buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let mut at = 0;
-        while let Some(len) = frame_len(&conn.input[at..])? {
-            conn.output.extend_from_slice(&conn.input[at..at + len]);
-            at += len;
+        while let Some(len) = frame_len(conn.input.pending())? {
+            conn.output.extend_from_slice(&conn.input.pending()[..len]);
+            conn.input.consume(len);
         }
-        conn.input.drain(..at);
     }
     flush(&mut conn.stream, &mut conn.output, &mut conn.written)
 }
@@ -204,7 +227,7 @@ fn raw_client(
 ) -> io::Result<Sample> {
     struct Client {
         stream: TcpStream,
-        input: Vec<u8>,
+        input: Input,
         output: Vec<u8>,
         written: usize,
         sent_at: Vec<Instant>,
@@ -237,7 +260,7 @@ fn raw_client(
         }
         clients.push(Client {
             stream,
-            input: Vec::new(),
+            input: Input::default(),
             output,
             written: 0,
             sent_at: vec![now; depth + 1],
@@ -279,16 +302,15 @@ fn raw_client(
             loop {
                 match c.stream.read(&mut chunk) {
                     Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => c.input.extend_from_slice(&chunk[..n]),
+                    Ok(n) => c.input.buf.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            let mut at = 0;
             let now = Instant::now();
-            while let Some(len) = frame_len(&c.input[at..])? {
-                let f = &c.input[at..at + len];
+            while let Some(len) = frame_len(c.input.pending())? {
+                let f = &c.input.pending()[..len];
                 let chid = u32::from_be_bytes([f[4], f[5], f[6], f[7]]) as usize;
                 if f[HEADER..] == body[..] && (1..=depth).contains(&chid) {
                     sample.ok += 1;
@@ -297,7 +319,7 @@ fn raw_client(
                 } else {
                     sample.bad += 1;
                 }
-                at += len;
+                c.input.consume(len);
                 if now < deadline {
                     c.sent_at[chid] = now;
                     frame(chid as u32, &mut c.output);
@@ -305,7 +327,6 @@ fn raw_client(
                     c.in_flight -= 1;
                 }
             }
-            c.input.drain(..at);
             flush(&mut c.stream, &mut c.output, &mut c.written)?;
         }
     }
@@ -387,8 +408,11 @@ fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Samp
         Row::Client(mode) => {
             let mode = [load::Mode::Call, load::Mode::Callback, load::Mode::Future][mode as usize];
             let (server, addr) = tbnet_server(Dispatch::IoThread);
+            // Room for every request in flight, so large bodies meet
+            // back-pressure rather than QueueFull.
             let client = Transport::builder()
                 .workers(2)
+                .max_outbound(tbnet::DEFAULT_MAX_OUTBOUND.max(2 * depth * (size + 16)))
                 .start()
                 .expect("start a client transport");
             let managers = (0..conns)

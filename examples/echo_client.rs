@@ -121,7 +121,10 @@ fn main() -> ExitCode {
         .addr
         .or(embedded.as_ref().map(|(_, a)| *a))
         .expect("an address");
-    let transport = match Transport::builder().start() {
+    // Room for every request in flight, so large bodies meet back-pressure
+    // rather than QueueFull.
+    let max_outbound = tbnet::DEFAULT_MAX_OUTBOUND.max(2 * args.depth * (args.size + 16));
+    let transport = match Transport::builder().max_outbound(max_outbound).start() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("echo_client: cannot start the transport: {e}");
