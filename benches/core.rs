@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tbnet::proto::{DefaultStreamer, FrameDecoder, PacketStreamer, WriteQueue};
-use tbnet::{ChannelPool, Completion, Packet, WaitObject};
+use tbnet::{
+    ChannelPool, Completion, ConnectionManager, Dispatch, Packet, Responder, Transport, WaitObject,
+};
 
 const SIZES: [(usize, &str); 3] = [(64, "64B"), (4096, "4KiB"), (1 << 20, "1MiB")];
 
@@ -129,5 +131,43 @@ fn wait_object(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, channels, wait_object);
+/// One request's round trip over loopback with the server handling it on
+/// the IO thread, and with the hand-off to a worker: the difference is the
+/// worker queue's cost (push, wake, pop, reply from another thread).
+fn dispatch(c: &mut Criterion) {
+    let mut group = c.benchmark_group("round_trip_1x1");
+    for (name, dispatch) in [
+        ("io_thread", Dispatch::IoThread),
+        ("workers", Dispatch::Workers),
+    ] {
+        let server = Transport::builder()
+            .workers(2)
+            .dispatch(dispatch)
+            .start()
+            .unwrap();
+        let addr = server
+            .listen(
+                "127.0.0.1:0".parse().unwrap(),
+                |req: Packet, resp: Responder| {
+                    let _ = resp.reply(req.reply(req.body().clone()));
+                },
+            )
+            .unwrap();
+        let client = Transport::builder().workers(1).start().unwrap();
+        let manager = ConnectionManager::new(&client);
+        let body = Bytes::from_static(b"0123456789abcdef0123456789abcdef");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                manager
+                    .call(addr, Packet::new(1, body.clone()), None)
+                    .unwrap()
+            });
+        });
+        client.stop();
+        server.stop();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, codec, channels, wait_object, dispatch);
 criterion_main!(benches);

@@ -5,8 +5,10 @@
 //! ```
 //!
 //! `--workers N` handles requests on N worker threads; `--workers 0` (the
-//! default) handles them on the IO thread. Prints `listening on ADDR` once
-//! ready and serves until killed.
+//! default) handles them on the IO thread. `--status` also answers
+//! `curl http://ADDR/status` (JSON) and `/metrics` (Prometheus) on the same
+//! port. `-v` logs each request's life at debug level. Prints
+//! `listening on ADDR` once ready and serves until killed.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -16,12 +18,16 @@ use tbnet::{Dispatch, Packet, Responder, Transport};
 struct Args {
     addr: SocketAddr,
     workers: usize,
+    status: bool,
+    verbose: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: "127.0.0.1:8765".parse().expect("valid default address"),
         workers: 0,
+        status: false,
+        verbose: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -31,8 +37,10 @@ fn parse_args() -> Result<Args, String> {
             "--workers" => {
                 args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?
             }
+            "--status" => args.status = true,
+            "-v" | "--verbose" => args.verbose = true,
             "-h" | "--help" => {
-                println!("usage: echo_server [--addr HOST:PORT] [--workers N]");
+                println!("usage: echo_server [--addr HOST:PORT] [--workers N] [--status] [-v]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -55,6 +63,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.verbose {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let dispatch = if args.workers == 0 {
         Dispatch::IoThread
     } else {
@@ -63,6 +77,7 @@ fn main() -> ExitCode {
     let transport = match Transport::builder()
         .workers(args.workers.max(1))
         .dispatch(dispatch)
+        .status_page(args.status)
         .start()
     {
         Ok(t) => t,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::completion::{CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject};
 use crate::error::{Error, SendError};
+use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
 use crate::sync::Mutex;
 use crate::transport::{Command, Conn, Rejected, Side, Transport};
@@ -360,6 +361,82 @@ impl ConnectionManager {
         conn.send_frame(message)
     }
 
+    /// [`call`](Self::call) with typed messages: sends `request` under
+    /// `Req::PCODE` and decodes the response as `Resp`.
+    ///
+    /// # Errors
+    /// As for [`call`](Self::call); also [`Error::Remote`] for an error
+    /// reply and [`Error::BadMessage`] for a response that does not decode.
+    ///
+    /// # Examples
+    /// ```
+    /// # use bytes::{Bytes, BytesMut};
+    /// # use tbnet::*;
+    /// # #[derive(Debug, PartialEq)] struct Echo(Bytes);
+    /// # impl Message for Echo {
+    /// #     const PCODE: PacketCode = PacketCode(1);
+    /// #     fn encode(&self, dst: &mut BytesMut) { dst.extend_from_slice(&self.0) }
+    /// #     fn decode(src: Bytes) -> Result<Self, DecodeError> { Ok(Echo(src)) }
+    /// # }
+    /// let transport = Transport::builder().start()?;
+    /// let router = Router::new().route_message(|m: Echo, resp: Responder| {
+    ///     let _ = resp.reply_message(&m);
+    /// });
+    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), router)?;
+    /// let client = ConnectionManager::new(&transport);
+    /// let back: Echo = client.call_message(addr, &Echo(Bytes::from("hi")), None)?;
+    /// assert_eq!(back, Echo(Bytes::from("hi")));
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn call_message<Req: Message, Resp: Message>(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<Resp, Error> {
+        self.call(server, request.to_packet(), timeout)
+            .and_then(Resp::from_packet)
+    }
+
+    /// [`send`](Self::send) with typed messages: `handler` gets the response
+    /// decoded as `Resp`, on a worker thread.
+    ///
+    /// # Errors
+    /// The encoded request handed back if it could not be queued.
+    pub fn send_message<Req, Resp, F>(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: &Req,
+        timeout: Option<Duration>,
+        handler: F,
+    ) -> Result<(), SendError<Packet>>
+    where
+        Req: Message,
+        Resp: Message,
+        F: FnOnce(Result<Resp, Error>) + Send + 'static,
+    {
+        self.send(
+            server,
+            request.to_packet(),
+            timeout,
+            move |result: Result<Packet, Error>| handler(result.and_then(Resp::from_packet)),
+        )
+    }
+
+    /// [`call_async`](Self::call_async) with typed messages.
+    ///
+    /// # Errors
+    /// The encoded request handed back if it could not be queued.
+    pub fn call_message_async<Req: Message, Resp: Message>(
+        &self,
+        server: impl Into<SocketAddr>,
+        request: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<MessageFuture<Resp>, SendError<Packet>> {
+        self.call_async(server, request.to_packet(), timeout)
+            .map(MessageFuture::new)
+    }
+
     /// Connections currently held (open or connecting).
     pub fn connections(&self) -> usize {
         self.conns
@@ -376,7 +453,8 @@ impl ConnectionManager {
         timeout: Option<Duration>,
         completion: Completion,
     ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
-        let deadline = Instant::now() + timeout.unwrap_or(self.default_timeout);
+        let sent = Instant::now();
+        let deadline = sent + timeout.unwrap_or(self.default_timeout);
         let mut request = request;
         let mut completion = completion;
         // A connection can close between lookup and submit: then one retry
@@ -389,7 +467,7 @@ impl ConnectionManager {
                     return Err(SendError::new(error, request));
                 }
             };
-            match conn.submit(request, deadline, completion) {
+            match conn.submit(request, sent, deadline, completion) {
                 Ok(id) => return Ok((conn, id)),
                 Err(Rejected {
                     error: Error::Disconnected,

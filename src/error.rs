@@ -40,6 +40,25 @@ pub enum Error {
     MalformedFrame(FrameError),
     /// An operating-system level I/O error.
     Io(Arc<io::Error>),
+    /// A message body could not be decoded as the expected type (the
+    /// connection is fine; only this request failed).
+    BadMessage {
+        /// The packet code the body arrived under.
+        pcode: i32,
+        /// What was wrong with it.
+        reason: Arc<str>,
+    },
+    /// The server answered with an error reply (see
+    /// [`ERROR_PCODE`](crate::ERROR_PCODE)): the request arrived and was
+    /// refused by the application.
+    Remote {
+        /// The application's error code; negative codes are the
+        /// framework's ([`ERROR_UNKNOWN_PCODE`](crate::ERROR_UNKNOWN_PCODE),
+        /// [`ERROR_BAD_REQUEST`](crate::ERROR_BAD_REQUEST)).
+        code: i32,
+        /// The error's text.
+        message: Arc<str>,
+    },
 }
 
 impl Error {
@@ -68,6 +87,10 @@ impl fmt::Display for Error {
             }
             Error::MalformedFrame(e) => write!(f, "malformed frame: {e}"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
+            Error::BadMessage { pcode, reason } => {
+                write!(f, "bad message body for packet code {pcode}: {reason}")
+            }
+            Error::Remote { code, message } => write!(f, "server error {code}: {message}"),
         }
     }
 }
@@ -185,6 +208,14 @@ mod tests {
             Error::FrameTooLarge { len: 9, max: 8 },
             Error::MalformedFrame(FrameError::NegativeLength(-1)),
             Error::from(io::Error::other("boom")),
+            Error::BadMessage {
+                pcode: 1,
+                reason: "short".into(),
+            },
+            Error::Remote {
+                code: 7,
+                message: "no such key".into(),
+            },
         ];
         for e in all {
             let s = e.to_string();

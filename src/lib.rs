@@ -206,9 +206,12 @@
 mod client;
 mod completion;
 mod error;
+mod message;
 mod packet;
 pub mod proto;
+mod router;
 mod server;
+mod status;
 mod sync;
 mod transport;
 
@@ -217,8 +220,12 @@ pub use client::{
 };
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
 pub use error::{Error, SendError};
+pub use message::{
+    DecodeError, Message, MessageFuture, ERROR_BAD_REQUEST, ERROR_PCODE, ERROR_UNKNOWN_PCODE,
+};
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
+pub use router::{Router, Unrouted};
 pub use server::{Dispatch, Responder, ServerAdaptor};
 pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
 

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::SendError;
 use crate::packet::{ChannelId, Packet};
@@ -73,6 +74,8 @@ pub struct Responder {
     conn: Arc<Conn>,
     channel_id: ChannelId,
     replied: bool,
+    /// When the request arrived; read only when debug tracing is on.
+    received: Option<Instant>,
 }
 
 impl fmt::Debug for Responder {
@@ -86,10 +89,12 @@ impl fmt::Debug for Responder {
 
 impl Responder {
     pub(crate) fn new(conn: Arc<Conn>, channel_id: ChannelId) -> Self {
+        let received = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         Responder {
             conn,
             channel_id,
             replied: false,
+            received,
         }
     }
 
@@ -123,9 +128,52 @@ impl Responder {
             return Ok(());
         }
         response.set_channel_id(self.channel_id);
+        if let Some(received) = self.received {
+            tracing::debug!(
+                peer = %self.conn.peer(),
+                channel_id = %self.channel_id,
+                pcode = %response.pcode(),
+                handled_us = received.elapsed().as_micros() as u64,
+                "reply sent"
+            );
+        }
         self.conn.send_frame(response).inspect_err(|_| {
             self.conn.shared.stats.reply_dropped();
         })
+    }
+}
+
+impl Responder {
+    /// Replies with a typed message (see [`Message`](crate::Message)).
+    ///
+    /// # Errors
+    /// As for [`reply`](Self::reply).
+    pub fn reply_message<M: crate::Message>(self, response: &M) -> Result<(), SendError<Packet>> {
+        self.reply(response.to_packet())
+    }
+
+    /// Replies with an error reply: packet code
+    /// [`ERROR_PCODE`](crate::ERROR_PCODE), body `code` (big-endian `i32`)
+    /// then `message`. This crate's clients see
+    /// [`Error::Remote`](crate::Error::Remote). Use codes from 0 up; negative
+    /// ones are the framework's.
+    ///
+    /// # Errors
+    /// As for [`reply`](Self::reply).
+    pub fn reply_error(self, code: i32, message: &str) -> Result<(), SendError<Packet>> {
+        let body = crate::message::encode_error(code, message);
+        self.reply(Packet::new(crate::ERROR_PCODE, body))
+    }
+
+    /// Drops the request unanswered, on purpose (no debug log).
+    pub(crate) fn ignore(mut self) {
+        self.replied = true;
+    }
+
+    /// Counts a request no route wanted (a [`Router`](crate::Router) told
+    /// to drop unknown codes).
+    pub(crate) fn count_unrouted(&self) {
+        self.conn.shared.stats.unrouted();
     }
 }
 

@@ -9,7 +9,7 @@ use slab::Slab;
 
 use crate::completion::Completion;
 use crate::error::Error;
-use crate::packet::{ChannelId, Packet};
+use crate::packet::{ChannelId, Packet, PacketCode};
 
 /// The most requests one [`ChannelPool`] can hold pending (2^20 - 1).
 ///
@@ -59,6 +59,9 @@ pub struct ChannelPool {
 
 struct Entry {
     id: u32,
+    /// The request's packet code and send time, for tracing its outcome.
+    pcode: PacketCode,
+    sent: Option<Instant>,
     deadline: Instant,
     completion: Completion,
 }
@@ -69,12 +72,48 @@ struct Entry {
 pub struct Ready {
     completion: Completion,
     result: Result<Packet, Error>,
+    channel_id: ChannelId,
+    pcode: PacketCode,
+    sent: Option<Instant>,
 }
 
 impl Ready {
     /// Pairs a completion with its outcome.
     pub fn new(completion: Completion, result: Result<Packet, Error>) -> Self {
-        Ready { completion, result }
+        Ready {
+            completion,
+            result,
+            channel_id: ChannelId::NONE,
+            pcode: PacketCode(0),
+            sent: None,
+        }
+    }
+
+    fn from_entry(entry: Entry, result: Result<Packet, Error>) -> Self {
+        Ready {
+            completion: entry.completion,
+            result,
+            channel_id: ChannelId(entry.id),
+            pcode: entry.pcode,
+            sent: entry.sent,
+        }
+    }
+
+    /// The request's channel id (`NONE` for a `Ready` made by hand).
+    pub fn channel_id(&self) -> ChannelId {
+        self.channel_id
+    }
+
+    /// The request's packet code, as given to
+    /// [`ChannelPool::allocate_request`].
+    pub fn pcode(&self) -> PacketCode {
+        self.pcode
+    }
+
+    /// How long the request was pending at `now`, if its send time was
+    /// recorded ([`ChannelPool::allocate_request`]).
+    pub fn elapsed(&self, now: Instant) -> Option<std::time::Duration> {
+        self.sent.map(|sent| now.saturating_duration_since(sent))
     }
 
     /// Delivers the outcome: runs the callback, or wakes the waiter.
@@ -157,6 +196,31 @@ impl ChannelPool {
         completion: Completion,
         deadline: Instant,
     ) -> Result<ChannelId, Completion> {
+        self.insert(completion, PacketCode(0), None, deadline)
+    }
+
+    /// Like [`allocate`](Self::allocate), also recording the request's packet
+    /// code and send time, which its [`Ready`] reports (for tracing).
+    ///
+    /// # Errors
+    /// The completion, given back untouched, when the pool is full.
+    pub fn allocate_request(
+        &mut self,
+        completion: Completion,
+        pcode: PacketCode,
+        sent: Instant,
+        deadline: Instant,
+    ) -> Result<ChannelId, Completion> {
+        self.insert(completion, pcode, Some(sent), deadline)
+    }
+
+    fn insert(
+        &mut self,
+        completion: Completion,
+        pcode: PacketCode,
+        sent: Option<Instant>,
+        deadline: Instant,
+    ) -> Result<ChannelId, Completion> {
         if self.entries.len() >= self.capacity {
             return Err(completion);
         }
@@ -167,6 +231,8 @@ impl ChannelPool {
         let id = (self.generations[slot] << self.index_bits) | (slot as u32 + 1);
         self.entries.insert(Entry {
             id,
+            pcode,
+            sent,
             deadline,
             completion,
         });
@@ -178,15 +244,21 @@ impl ChannelPool {
     /// request is pending (it finished already, or never existed): the
     /// caller drops the response and counts it.
     pub fn complete(&mut self, id: ChannelId, response: Packet) -> Option<Ready> {
+        self.finish(id, Ok(response))
+    }
+
+    /// Removes the request `id` with the outcome `result` (a response, or an
+    /// error the response stood for). `None` if no such request is pending.
+    pub fn finish(&mut self, id: ChannelId, result: Result<Packet, Error>) -> Option<Ready> {
         let entry = self.remove(id)?;
-        Some(Ready::new(entry.completion, Ok(response)))
+        Some(Ready::from_entry(entry, result))
     }
 
     /// Removes the request `id` because its caller gave up on it; it finishes
     /// with [`Error::Cancelled`].
     pub fn cancel(&mut self, id: ChannelId) -> Option<Ready> {
         let entry = self.remove(id)?;
-        Some(Ready::new(entry.completion, Err(Error::Cancelled)))
+        Some(Ready::from_entry(entry, Err(Error::Cancelled)))
     }
 
     /// Removes every request whose deadline is at or before `now`, appending
@@ -206,7 +278,7 @@ impl ChannelPool {
             if let Some(slot) = self.slot_of(ChannelId(id)) {
                 if self.entries[slot].deadline == deadline {
                     let entry = self.take_slot(slot);
-                    out.push(Ready::new(entry.completion, Err(Error::Timeout)));
+                    out.push(Ready::from_entry(entry, Err(Error::Timeout)));
                 }
             }
         }
@@ -232,7 +304,7 @@ impl ChannelPool {
         out.extend(
             self.entries
                 .drain()
-                .map(|entry| Ready::new(entry.completion, Err(error.clone()))),
+                .map(|entry| Ready::from_entry(entry, Err(error.clone()))),
         );
         for generation in &mut self.generations {
             *generation = next_generation(*generation, self.index_bits);

@@ -93,6 +93,11 @@ impl FrameDecoder {
         self.filled
     }
 
+    /// The bytes received but not yet returned as packets.
+    pub fn buffered_bytes(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+
     /// The buffer's current capacity in bytes (what this connection's input
     /// costs in memory).
     pub fn capacity(&self) -> usize {

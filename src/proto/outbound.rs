@@ -136,6 +136,17 @@ impl WriteQueue {
         self.chunks.push_back(Chunk::Shared(body.clone()));
     }
 
+    /// Queues raw bytes that are not a frame (the status page's HTTP
+    /// response), uncopied.
+    pub fn push_raw(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.seal_tail();
+        self.len += bytes.len();
+        self.chunks.push_back(Chunk::Shared(bytes));
+    }
+
     /// Moves everything queued in `other` to the end of this queue, leaving
     /// `other` empty (with its spare capacity kept for reuse).
     pub fn append(&mut self, other: &mut WriteQueue) {

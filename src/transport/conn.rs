@@ -165,6 +165,7 @@ impl Conn {
     pub(crate) fn submit(
         self: &Arc<Self>,
         mut packet: Packet,
+        sent: Instant,
         deadline: Instant,
         completion: Completion,
     ) -> Result<ChannelId, Rejected> {
@@ -185,7 +186,10 @@ impl Conn {
                     completion,
                 });
             }
-            let id = match state.pool.allocate(completion, deadline) {
+            let id = match state
+                .pool
+                .allocate_request(completion, packet.pcode(), sent, deadline)
+            {
                 Ok(id) => id,
                 Err(completion) => {
                     return Err(Rejected {
@@ -204,6 +208,13 @@ impl Conn {
             (id, register)
         };
         let (id, register) = register;
+        tracing::debug!(
+            peer = %self.peer,
+            channel_id = %id,
+            pcode = %packet.pcode(),
+            body_len = packet.body().len(),
+            "request sent"
+        );
         self.shared.stats.pending_added();
         if register {
             self.shared.timer.register(deadline, self.clone());
@@ -275,13 +286,15 @@ impl Conn {
         {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
-                match state.pool.complete(response.channel_id(), response) {
+                let id = response.channel_id();
+                match state.pool.finish(id, crate::message::classify(response)) {
                     Some(ready) => out.push(ready),
                     None => late += 1,
                 }
             }
         }
         self.shared.stats.pending_removed(out.len() - before);
+        self.trace_outcomes(&out[before..]);
         for _ in 0..late {
             self.shared.stats.late_response();
         }
@@ -302,6 +315,7 @@ impl Conn {
         if expired > 0 {
             self.shared.stats.pending_removed(expired);
             self.shared.stats.timed_out(expired);
+            self.trace_outcomes(&out[out.len() - expired..]);
         }
         next
     }
@@ -332,7 +346,31 @@ impl Conn {
         }
         drop(idle);
         self.shared.stats.pending_removed(out.len() - before);
+        self.trace_outcomes(&out[before..]);
         true
+    }
+
+    /// Logs how each request ended, at debug level (the counterpart of the
+    /// "request sent" event, with the same fields).
+    fn trace_outcomes(&self, readies: &[Ready]) {
+        if !tracing::enabled!(tracing::Level::DEBUG) || readies.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for ready in readies {
+            let outcome = match ready.result() {
+                Ok(_) => "response".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(
+                peer = %self.peer,
+                channel_id = %ready.channel_id(),
+                pcode = %ready.pcode(),
+                outcome,
+                elapsed_us = ready.elapsed(now).map_or(0, |d| d.as_micros() as u64),
+                "request ended"
+            );
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::packet::Packet;
 use crate::proto::{FrameDecoder, Ready, WriteQueue};
 use crate::server::{Dispatch, Responder, ServerAdaptor};
+use crate::status::{self, Sniff};
 use crate::sync::Ordering;
 
 use super::conn::{Conn, Side, NO_TOKEN};
@@ -64,6 +65,10 @@ struct IoConn {
     paused: bool,
     /// Reading paused until the peer takes some of our unwritten output.
     out_blocked: bool,
+    /// Server connections with the status page on: frames or HTTP decided.
+    sniffed: bool,
+    /// An HTTP response is queued: close once it is written.
+    close_when_flushed: bool,
 }
 
 struct IoLoop {
@@ -255,6 +260,8 @@ impl IoLoop {
             stalled: None,
             paused: false,
             out_blocked: false,
+            sniffed: !self.shared.config.status_page,
+            close_when_flushed: false,
         }));
         self.shared.stats.connection_opened();
         Some(token)
@@ -352,7 +359,7 @@ impl IoLoop {
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.
         if let Some(c) = self.conn_mut(token) {
-            if c.conn.flush_pending() {
+            if c.conn.flush_pending() || c.close_when_flushed {
                 self.write(token);
             }
         }
@@ -418,6 +425,13 @@ impl IoLoop {
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
             return Ok(());
         };
+        if !c.sniffed && c.server.is_some() {
+            match status::sniff(c.decoder.buffered_bytes()) {
+                Sniff::Unsure => return Ok(()),
+                Sniff::Frames => c.sniffed = true,
+                Sniff::Http => return serve_http(shared, c),
+            }
+        }
         let mut decoded = 0;
         let result = loop {
             if c.paused {
@@ -436,6 +450,13 @@ impl IoLoop {
             match &c.server {
                 None => responses.push(packet),
                 Some((adaptor, dispatch)) => {
+                    tracing::debug!(
+                        peer = %c.conn.peer(),
+                        channel_id = %packet.channel_id(),
+                        pcode = %packet.pcode(),
+                        body_len = packet.body().len(),
+                        "request received"
+                    );
                     let responder = Responder::new(c.conn.clone(), packet.channel_id());
                     match dispatch {
                         Dispatch::IoThread => handle_inline(adaptor.as_ref(), packet, responder),
@@ -525,6 +546,10 @@ impl IoLoop {
         if let Some(e) = failed {
             tracing::debug!(peer = %c.conn.peer(), error = %e, "write failed");
             self.close(token, Error::from(e));
+            return;
+        }
+        if c.close_when_flushed && c.out.is_empty() {
+            self.close(token, Error::Disconnected);
             return;
         }
         let blocked = c.out.len() >= max_outbound;
@@ -618,8 +643,42 @@ impl IoLoop {
     }
 }
 
+/// The span a server handler runs in: the request's peer, channel id and
+/// packet code (debug level; free when disabled).
+pub(crate) fn request_span(request: &Packet, responder: &Responder) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        peer = %responder.peer(),
+        channel_id = %request.channel_id(),
+        pcode = %request.pcode()
+    )
+}
+
+/// Answers the status page's one request on this connection, once its head
+/// has arrived, and stops reading it; `write` closes it once flushed.
+fn serve_http(shared: &Shared, c: &mut IoConn) -> Result<(), Error> {
+    match status::parse(c.decoder.buffered_bytes()) {
+        Ok(None) => Ok(()),
+        Ok(Some(request)) => {
+            let mut stats = shared.stats.snapshot();
+            stats.worker_queue = shared.workers.queued_requests() as u64;
+            let response = status::respond(&request, &stats, shared.epoch.elapsed());
+            tracing::debug!(peer = %c.conn.peer(), path = %request.path, "status page request");
+            c.out.push_raw(response);
+            c.close_when_flushed = true;
+            c.paused = true;
+            Ok(())
+        }
+        Err(reason) => {
+            tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad HTTP request");
+            Err(Error::Disconnected)
+        }
+    }
+}
+
 fn handle_inline(adaptor: &dyn ServerAdaptor, request: Packet, responder: Responder) {
     let peer = responder.peer();
+    let _span = request_span(&request, &responder).entered();
     if catch_unwind(AssertUnwindSafe(|| {
         adaptor.handle_packet(request, responder)
     }))

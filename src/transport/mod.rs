@@ -51,6 +51,7 @@ pub(crate) struct Config {
     pub(crate) max_outbound: usize,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) status_page: bool,
 }
 
 /// State every transport thread and handle shares.
@@ -170,6 +171,7 @@ impl Default for TransportBuilder {
                 max_outbound: DEFAULT_MAX_OUTBOUND,
                 idle_timeout: Some(Duration::from_secs(900)),
                 tcp_keepalive: None,
+                status_page: false,
             },
             streamer: Arc::new(DefaultStreamer::new()),
         }
@@ -248,6 +250,33 @@ impl TransportBuilder {
     /// instead of waiting for their deadlines.
     pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
         self.config.tcp_keepalive = idle;
+        self
+    }
+
+    /// Answers plain HTTP `GET /status` (JSON) and `GET /metrics`
+    /// (Prometheus text) on every listener's port, beside tbnet frames
+    /// (default off). A connection whose first bytes are `GET ` or `HEAD `
+    /// gets one HTTP response and is closed; other paths get 404, malformed
+    /// requests are closed unanswered. tbnet's own servers answered such
+    /// status requests through their HTTP streamer.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use tbnet::{Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().status_page(true).start()?;
+    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |_: Packet, _: Responder| {})?;
+    /// let mut http = std::net::TcpStream::connect(addr)?;
+    /// http.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    /// let mut response = String::new();
+    /// http.read_to_string(&mut response)?;
+    /// assert!(response.starts_with("HTTP/1.1 200 OK"));
+    /// assert!(response.contains("\"connections\":"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn status_page(mut self, enabled: bool) -> Self {
+        self.config.status_page = enabled;
         self
     }
 

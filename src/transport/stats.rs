@@ -41,11 +41,12 @@ const PACKETS_OUT: usize = 0;
 const PENDING: usize = 1;
 const TIMEOUTS: usize = 2;
 const REPLIES_DROPPED: usize = 3;
+const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
     io: Line<7>,
-    callers: Line<4>,
+    callers: Line<5>,
 }
 
 impl Stats {
@@ -88,6 +89,9 @@ impl Stats {
     pub(crate) fn reply_dropped(&self) {
         self.callers.add(REPLIES_DROPPED, 1);
     }
+    pub(crate) fn unrouted(&self) {
+        self.callers.add(UNROUTED, 1);
+    }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -103,6 +107,7 @@ impl Stats {
             replies_dropped: self.callers.get(REPLIES_DROPPED),
             bad_frames: self.io.get(BAD_FRAMES),
             worker_queue: 0,
+            unrouted: self.callers.get(UNROUTED),
         }
     }
 }
@@ -137,4 +142,6 @@ pub struct StatsSnapshot {
     pub bad_frames: u64,
     /// Requests waiting in the worker queue now.
     pub worker_queue: u64,
+    /// Requests a [`Router`](crate::Router) had no route for and dropped.
+    pub unrouted: u64,
 }

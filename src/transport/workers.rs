@@ -216,6 +216,7 @@ fn run_job(job: Job) {
         responder,
     } = job;
     let peer = responder.peer();
+    let _span = super::io::request_span(&request, &responder).entered();
     if catch_unwind(AssertUnwindSafe(|| {
         adaptor.handle_packet(request, responder)
     }))

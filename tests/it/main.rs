@@ -14,5 +14,7 @@ mod reconnect;
 mod server;
 mod shutdown;
 mod soak;
+mod status;
 mod support;
+mod typed;
 mod wire;
