@@ -44,6 +44,162 @@
 //! # Ok::<(), tbnet::Error>(())
 //! ```
 //!
+//! # Walkthrough: define a message, serve it, call it three ways
+//!
+//! **1. Define the messages.** A [`Message`] has a packet code and writes
+//! its own body; nothing else changes on the wire.
+//!
+//! ```
+//! use bytes::{Buf, BufMut, Bytes, BytesMut};
+//! use tbnet::{DecodeError, Message, PacketCode};
+//!
+//! #[derive(Debug, PartialEq)]
+//! pub struct Add { pub a: i64, pub b: i64 }
+//! #[derive(Debug, PartialEq)]
+//! pub struct Sum(pub i64);
+//!
+//! impl Message for Add {
+//!     const PCODE: PacketCode = PacketCode(10);
+//!     fn encode(&self, dst: &mut BytesMut) {
+//!         dst.put_i64(self.a);
+//!         dst.put_i64(self.b);
+//!     }
+//!     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//!         if src.len() != 16 {
+//!             return Err(DecodeError::new("expected 16 bytes"));
+//!         }
+//!         Ok(Add { a: src.get_i64(), b: src.get_i64() })
+//!     }
+//! }
+//!
+//! impl Message for Sum {
+//!     const PCODE: PacketCode = PacketCode(11);
+//!     fn encode(&self, dst: &mut BytesMut) {
+//!         dst.put_i64(self.0);
+//!     }
+//!     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//!         if src.len() != 8 {
+//!             return Err(DecodeError::truncated("the sum"));
+//!         }
+//!         Ok(Sum(src.get_i64()))
+//!     }
+//! }
+//!
+//! assert_eq!(Add::from_packet(Add { a: 1, b: 2 }.to_packet()).unwrap(), Add { a: 1, b: 2 });
+//! ```
+//!
+//! **2. Serve them.** A [`Router`] sends each packet code to its handler;
+//! a handler replies with a message, or with an error reply the caller sees
+//! as [`Error::Remote`]. Handlers run on the worker pool and may also keep
+//! the [`Responder`] and reply later from another thread.
+//!
+//! ```
+//! # use bytes::{Buf, BufMut, Bytes, BytesMut};
+//! # use tbnet::{DecodeError, Message, PacketCode};
+//! # #[derive(Debug, PartialEq)] pub struct Add { pub a: i64, pub b: i64 }
+//! # #[derive(Debug, PartialEq)] pub struct Sum(pub i64);
+//! # impl Message for Add {
+//! #     const PCODE: PacketCode = PacketCode(10);
+//! #     fn encode(&self, dst: &mut BytesMut) { dst.put_i64(self.a); dst.put_i64(self.b); }
+//! #     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//! #         if src.len() != 16 { return Err(DecodeError::new("expected 16 bytes")); }
+//! #         Ok(Add { a: src.get_i64(), b: src.get_i64() })
+//! #     }
+//! # }
+//! # impl Message for Sum {
+//! #     const PCODE: PacketCode = PacketCode(11);
+//! #     fn encode(&self, dst: &mut BytesMut) { dst.put_i64(self.0); }
+//! #     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//! #         if src.len() != 8 { return Err(DecodeError::truncated("the sum")); }
+//! #         Ok(Sum(src.get_i64()))
+//! #     }
+//! # }
+//! use tbnet::{Responder, Router, Transport};
+//!
+//! let calculator = Router::new().route_message(|add: Add, responder: Responder| {
+//!     let _ = match add.a.checked_add(add.b) {
+//!         Some(sum) => responder.reply_message(&Sum(sum)),
+//!         None => responder.reply_error(1, "overflow"),
+//!     };
+//! });
+//! let server = Transport::builder().start()?;
+//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator)?;
+//! println!("serving on {addr}");
+//! # server.stop();
+//! # Ok::<(), tbnet::Error>(())
+//! ```
+//!
+//! **3. Call them, three ways.** A [`ConnectionManager`] opens one
+//! connection per server on first use and shares it.
+//!
+//! ```
+//! # use bytes::{Buf, BufMut, Bytes, BytesMut};
+//! # use tbnet::{DecodeError, Message, PacketCode};
+//! # #[derive(Debug, PartialEq)] pub struct Add { pub a: i64, pub b: i64 }
+//! # #[derive(Debug, PartialEq)] pub struct Sum(pub i64);
+//! # impl Message for Add {
+//! #     const PCODE: PacketCode = PacketCode(10);
+//! #     fn encode(&self, dst: &mut BytesMut) { dst.put_i64(self.a); dst.put_i64(self.b); }
+//! #     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//! #         if src.len() != 16 { return Err(DecodeError::new("expected 16 bytes")); }
+//! #         Ok(Add { a: src.get_i64(), b: src.get_i64() })
+//! #     }
+//! # }
+//! # impl Message for Sum {
+//! #     const PCODE: PacketCode = PacketCode(11);
+//! #     fn encode(&self, dst: &mut BytesMut) { dst.put_i64(self.0); }
+//! #     fn decode(mut src: Bytes) -> Result<Self, DecodeError> {
+//! #         if src.len() != 8 { return Err(DecodeError::truncated("the sum")); }
+//! #         Ok(Sum(src.get_i64()))
+//! #     }
+//! # }
+//! # use tbnet::{Responder, Router, Transport};
+//! # fn calculator() -> Router {
+//! #     Router::new().route_message(|add: Add, responder: Responder| {
+//! #         let _ = match add.a.checked_add(add.b) {
+//! #             Some(sum) => responder.reply_message(&Sum(sum)),
+//! #             None => responder.reply_error(1, "overflow"),
+//! #         };
+//! #     })
+//! # }
+//! # let server = Transport::builder().start()?;
+//! # let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator())?;
+//! use tbnet::{ConnectionManager, Error, WaitObject};
+//!
+//! let client = Transport::builder().start()?;
+//! let manager = ConnectionManager::new(&client);
+//!
+//! // Blocking.
+//! let sum: Sum = manager.call_message(addr, &Add { a: 2, b: 40 }, None)?;
+//! assert_eq!(sum, Sum(42));
+//!
+//! // A callback, on a worker thread of the client transport.
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! manager
+//!     .send_message(addr, &Add { a: 1, b: 1 }, None, move |r: Result<Sum, Error>| tx.send(r).unwrap())
+//!     .unwrap();
+//! assert_eq!(rx.recv().unwrap()?, Sum(2));
+//!
+//! // A future, on any executor (here tokio-test's block_on).
+//! let future = manager.call_message_async::<Add, Sum>(addr, &Add { a: 5, b: 5 }, None).unwrap();
+//! assert_eq!(tokio_test::block_on(future)?, Sum(10));
+//!
+//! // Or fan out and gather on one WaitObject.
+//! let mut wait = WaitObject::new();
+//! for i in 0..3 {
+//!     manager.send_wait(addr, Add { a: i, b: i }.to_packet(), None, &mut wait).unwrap();
+//! }
+//! let sums: Vec<Sum> = wait.wait_all().into_iter().map(|r| Sum::from_packet(r?)).collect::<Result<_, _>>()?;
+//! assert_eq!(sums, [Sum(0), Sum(2), Sum(4)]);
+//!
+//! // Application errors come back as `Error::Remote`.
+//! let overflow = manager.call_message::<Add, Sum>(addr, &Add { a: i64::MAX, b: 1 }, None);
+//! assert!(matches!(overflow, Err(Error::Remote { code: 1, .. })));
+//! # client.stop();
+//! # server.stop();
+//! # Ok::<(), tbnet::Error>(())
+//! ```
+//!
 //! # Threads
 //!
 //! ```text
@@ -139,6 +295,8 @@
 //! | `WaitObject`         | [`WaitObject`] |
 //! | `PacketQueueThread`  | the worker pool ([`Dispatch::Workers`]) |
 //! | `ControlPacket` (timeout, bad packet, disconnect) | [`Error`] |
+//! | `HttpPacketStreamer` status pages | [`TransportBuilder::status_page`] |
+//! | (no equivalent) typed messages and dispatch by `pcode` | [`Message`], [`Router`] |
 //! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |
 //!
 //! # Guarantees

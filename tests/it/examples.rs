@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::faults::{example_binary, spawn_echo_server};
+use crate::faults::{example_binary, spawn_echo_server, spawn_listening};
 
 /// Runs `echo_client` with `args` and returns its JSON line's fields.
 fn run_client(args: &[&str]) -> Vec<(String, String)> {
@@ -74,4 +74,37 @@ fn echo_client_against_an_echo_server_process() {
         server.kill().unwrap();
         server.wait().unwrap();
     }
+}
+
+#[test]
+fn kv_client_with_its_embedded_server() {
+    let output = Command::new(example_binary("kv_client"))
+        .args(["--keys", "200"])
+        .output()
+        .expect("run the kv_client example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "kv_client failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("in one WaitObject batch"));
+    assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+}
+
+#[test]
+fn kv_client_against_a_kv_server_process() {
+    let (mut server, addr) =
+        spawn_listening("kv_server", &["--addr", "127.0.0.1:0", "--workers", "2"]);
+    let output = Command::new(example_binary("kv_client"))
+        .args(["--addr", &addr.to_string(), "--keys", "50"])
+        .output()
+        .expect("run the kv_client example");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
 }

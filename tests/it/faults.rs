@@ -30,16 +30,16 @@ pub fn example_binary(name: &str) -> PathBuf {
     path
 }
 
-/// Starts the `echo_server` example as a child process on a free port;
-/// returns it once it printed `listening on ADDR`.
-pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
+/// Starts the example `name` with `args` as a child process; returns it once
+/// it printed `listening on ADDR`.
+pub fn spawn_listening(name: &str, args: &[&str]) -> (Child, SocketAddr) {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(example_binary("echo_server"))
-        .args(["--addr", "127.0.0.1:0", "--workers", &workers.to_string()])
+    let mut child = Command::new(example_binary(name))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn the echo_server example");
+        .unwrap_or_else(|e| panic!("spawn the {name} example: {e}"));
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout)
@@ -52,6 +52,14 @@ pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
         .parse()
         .expect("an address");
     (child, addr)
+}
+
+/// Starts the `echo_server` example on a free port.
+pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
+    spawn_listening(
+        "echo_server",
+        &["--addr", "127.0.0.1:0", "--workers", &workers.to_string()],
+    )
 }
 
 /// A loopback address nobody listens on (bound, then released).
