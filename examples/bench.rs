@@ -375,8 +375,12 @@ fn echo(request: Packet, responder: Responder) {
 }
 
 fn tbnet_server(dispatch: Dispatch) -> (Transport, SocketAddr) {
+    let workers = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let transport = Transport::builder()
-        .workers(2)
+        .workers(workers)
         .dispatch(dispatch)
         .start()
         .expect("start a server transport");

@@ -433,6 +433,7 @@ impl IoLoop {
             }
         }
         let mut decoded = 0;
+        let mut queued_jobs = false;
         let result = loop {
             if c.paused {
                 break Ok(());
@@ -466,6 +467,7 @@ impl IoLoop {
                                 request: packet,
                                 responder,
                             };
+                            queued_jobs = true;
                             if let Err(job) = shared.workers.push_request(job) {
                                 c.stalled = Some(job);
                                 c.paused = true;
@@ -477,6 +479,9 @@ impl IoLoop {
             }
         };
         shared.stats.packets_in(decoded);
+        if queued_jobs {
+            shared.workers.notify();
+        }
         if !responses.is_empty() {
             c.conn.complete_responses(responses, readies);
             for ready in readies.drain(..) {
@@ -505,6 +510,7 @@ impl IoLoop {
             self.read(token);
         }
         self.paused.extend(rest);
+        self.shared.workers.notify();
     }
 
     /// Writes the connection's queued frames until `WouldBlock`.

@@ -63,24 +63,20 @@ impl WorkQueues {
 
     /// IO thread: queues a request, or hands it back when the queue is full
     /// (the IO thread then pauses reading until a worker asks it to resume).
+    /// The caller wakes the workers with [`notify`](Self::notify) once per
+    /// batch of requests: one fence per batch, not per request.
     pub(crate) fn push_request(&self, job: Job) -> Result<(), Job> {
         let job = match self.requests.push(job) {
-            Ok(()) => {
-                self.notify();
-                return Ok(());
-            }
+            Ok(()) => return Ok(()),
             Err(job) => job,
         };
         // Raise the flag before the retry so a worker that frees a place
         // after it either sees the flag or left room for the retry.
         self.io_waiting.store(true, Ordering::SeqCst);
-        match self.requests.push(job) {
-            Ok(()) => {
-                self.notify();
-                Ok(())
-            }
-            Err(job) => Err(job),
-        }
+        let retry = self.requests.push(job);
+        // Full: make sure someone is awake to drain it.
+        self.notify();
+        retry
     }
 
     pub(crate) fn push_callback(&self, ready: Ready) {
@@ -97,7 +93,8 @@ impl WorkQueues {
         self.requests.len()
     }
 
-    fn notify(&self) {
+    /// Wakes a parked worker, if any, for work queued before this call.
+    pub(crate) fn notify(&self) {
         fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = self.park.lock();
