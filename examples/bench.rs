@@ -13,13 +13,14 @@
 //! - `c workers`: the same raw client against tbnet's server with the
 //!   worker pool (2 workers);
 //! - `d call`, `d callback`, `d future`: tbnet's client against tbnet's
-//!   IO-thread server, in each of the three ways of waiting.
+//!   IO-thread server, in each of the three ways of waiting; `d callback on
+//!   io thread`: callbacks run inline (`TransportBuilder::callbacks`).
 //!
 //! Every row is compared with `a` of its size and shape. Rows run in rounds,
 //! interleaved, so drift on a shared machine hits all rows alike.
 //! Flags: `--secs S` per row (default 2), `--rounds R` (default 2),
 //! `--sizes 64,4096,1048576`, `--shapes 1x1,4x32,64x4`,
-//! `--rows a,b,c,call,callback,future`, `--quick`.
+//! `--rows a,b,c,call,callback,future,callback-io`, `--quick`.
 
 #[path = "common/load.rs"]
 mod load;
@@ -353,7 +354,8 @@ impl Row {
             Row::Workers => "c raw client + tbnet workers",
             Row::Client(0) => "d tbnet call + tbnet",
             Row::Client(1) => "d tbnet callback + tbnet",
-            Row::Client(_) => "d tbnet future + tbnet",
+            Row::Client(2) => "d tbnet future + tbnet",
+            Row::Client(_) => "d tbnet callback on io thread + tbnet",
         }
     }
 
@@ -365,6 +367,7 @@ impl Row {
             "call" => Row::Client(0),
             "callback" => Row::Client(1),
             "future" => Row::Client(2),
+            "callback-io" => Row::Client(3),
             _ => return None,
         })
     }
@@ -410,12 +413,24 @@ fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Samp
             sample
         }
         Row::Client(mode) => {
-            let mode = [load::Mode::Call, load::Mode::Callback, load::Mode::Future][mode as usize];
+            let modes = [
+                load::Mode::Call,
+                load::Mode::Callback,
+                load::Mode::Future,
+                load::Mode::Callback,
+            ];
+            let callbacks = if mode == 3 {
+                Dispatch::IoThread
+            } else {
+                Dispatch::Workers
+            };
+            let mode = modes[mode as usize];
             let (server, addr) = tbnet_server(Dispatch::IoThread);
             // Room for every request in flight, so large bodies meet
             // back-pressure rather than QueueFull.
             let client = Transport::builder()
                 .workers(2)
+                .callbacks(callbacks)
                 .max_outbound(tbnet::DEFAULT_MAX_OUTBOUND.max(2 * depth * (size + 16)))
                 .start()
                 .expect("start a client transport");

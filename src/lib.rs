@@ -337,8 +337,11 @@
 //!
 //! **What runs where.** Only `tbnet-io` touches sockets. Server adaptors run
 //! on the workers, or on `tbnet-io` with [`Dispatch::IoThread`] (then they
-//! must not block). Client callbacks always run on the workers: a slow
-//! callback delays other callbacks, never IO or timeouts. Blocking waits and
+//! must not block). Client callbacks run on the workers by default: a slow
+//! callback delays other callbacks, never IO or timeouts. With
+//! [`TransportBuilder::callbacks`]`(Dispatch::IoThread)` they run inline on
+//! the thread that ended the request (faster, and then they must not
+//! block). Blocking waits and
 //! futures are woken from `tbnet-io` (responses, disconnects) or
 //! `tbnet-timer` (timeouts). A panicking handler or callback is caught and
 //! logged.

@@ -44,6 +44,7 @@ pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) worker_queue: usize,
     pub(crate) dispatch: Dispatch,
+    pub(crate) callbacks: Dispatch,
     pub(crate) read_chunk: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
@@ -109,11 +110,17 @@ impl Shared {
         readies.into_iter().for_each(|ready| self.deliver(ready));
     }
 
-    /// Fires a completion: callbacks go to the worker pool (so user code
-    /// never runs on the IO or timer thread), waiters are woken here.
+    /// Fires a completion: waiters are woken here; callbacks go to the
+    /// worker pool (so user code never runs on the IO or timer thread),
+    /// unless the builder asked for them inline.
     pub(crate) fn deliver(&self, ready: Ready) {
-        if !ready.is_callback() || self.workers_exited.load(Ordering::SeqCst) {
+        if !ready.is_callback() {
             ready.fire();
+            return;
+        }
+        if self.config.callbacks == Dispatch::IoThread || self.workers_exited.load(Ordering::SeqCst)
+        {
+            workers::run_callback(ready);
             return;
         }
         self.workers.push_callback(ready);
@@ -164,6 +171,7 @@ impl Default for TransportBuilder {
                     .max(2),
                 worker_queue: 4096,
                 dispatch: Dispatch::Workers,
+                callbacks: Dispatch::Workers,
                 read_chunk: DEFAULT_READ_CHUNK,
                 connect_timeout: Duration::from_secs(3),
                 shutdown_grace: Duration::from_millis(500),
@@ -198,6 +206,21 @@ impl TransportBuilder {
     /// [`Dispatch::Workers`]).
     pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
         self.config.dispatch = dispatch;
+        self
+    }
+
+    /// Where client callbacks ([`ConnectionManager::send`](crate::ConnectionManager::send))
+    /// run (default [`Dispatch::Workers`]).
+    ///
+    /// With [`Dispatch::IoThread`] a callback runs on the thread that ended
+    /// its request, as in tbnet: `tbnet-io` for responses and disconnects,
+    /// `tbnet-timer` for timeouts, the thread calling
+    /// [`Transport::stop`] for requests failed by shutdown. No hand-off, so pipelined callbacks are much
+    /// faster, but a callback then must not block: while it runs, every
+    /// connection (or every timeout) of the transport waits. It may send
+    /// further requests.
+    pub fn callbacks(mut self, dispatch: Dispatch) -> Self {
+        self.config.callbacks = dispatch;
         self
     }
 

@@ -200,7 +200,8 @@ fn spin_for_work(queues: &WorkQueues) -> bool {
 /// Iterations a worker spins before parking (about a microsecond).
 const SPINS: usize = 256;
 
-fn run_callback(ready: Ready) {
+/// Runs a callback, catching (and logging) a panic in it.
+pub(crate) fn run_callback(ready: Ready) {
     if catch_unwind(AssertUnwindSafe(|| ready.fire())).is_err() {
         tracing::error!("a response callback panicked");
     }

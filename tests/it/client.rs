@@ -202,3 +202,43 @@ fn a_server_that_does_not_read_fills_the_outbound_limit_and_requests_get_queue_f
     stop(&client_transport);
     within("raw server", move || raw.join().unwrap());
 }
+
+#[test]
+fn callbacks_can_run_inline_on_the_io_thread_and_send_more_requests() {
+    let server = crate::support::echo_server();
+    let client = tbnet::Transport::builder()
+        .callbacks(tbnet::Dispatch::IoThread)
+        .start()
+        .unwrap();
+    let manager = std::sync::Arc::new(ConnectionManager::new(&client));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let chained = manager.clone();
+    let addr = server.addr;
+    manager
+        .send(
+            addr,
+            Packet::new(1, "first"),
+            Some(NEVER),
+            move |first: Result<Packet, Error>| {
+                let thread = std::thread::current().name().map(str::to_string);
+                // A callback may send the next request from where it runs.
+                chained
+                    .send(
+                        addr,
+                        Packet::new(1, "second"),
+                        Some(NEVER),
+                        move |second: Result<Packet, Error>| {
+                            tx.send((thread, first, second)).unwrap();
+                        },
+                    )
+                    .unwrap();
+            },
+        )
+        .unwrap();
+    let (thread, first, second) = rx.recv_timeout(HANG_GUARD).unwrap();
+    assert_eq!(thread.as_deref(), Some("tbnet-io"));
+    assert_eq!(first.unwrap().body(), "first");
+    assert_eq!(second.unwrap().body(), "second");
+    stop(&client);
+    stop(&server.transport);
+}
