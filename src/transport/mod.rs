@@ -217,8 +217,10 @@ impl TransportBuilder {
     /// `tbnet-timer` for timeouts, the thread calling
     /// [`Transport::stop`] for requests failed by shutdown. No hand-off, so pipelined callbacks are much
     /// faster, but a callback then must not block: while it runs, every
-    /// connection (or every timeout) of the transport waits. It may send
-    /// further requests.
+    /// connection (or every timeout) of the transport waits, and a blocking
+    /// [`call`](crate::ConnectionManager::call) made from it can only end by
+    /// its timeout. It may send further requests with `send` or
+    /// `call_async`.
     pub fn callbacks(mut self, dispatch: Dispatch) -> Self {
         self.config.callbacks = dispatch;
         self
