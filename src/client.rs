@@ -7,7 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::completion::{CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject};
+use crate::completion::{
+    clamp_wait, CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject,
+};
 use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
@@ -152,7 +154,8 @@ impl TryFrom<SocketAddr> for ServerId {
 }
 
 /// Connections to servers, opened on first use and reused (tbnet's
-/// `ConnectionManager`).
+/// `ConnectionManager`). Dropping it closes them: keep it alive while its
+/// requests are in flight.
 ///
 /// One connection per server address carries every request to it, so
 /// requests from many threads share it. A connection that closes fails its
@@ -191,6 +194,26 @@ pub struct ConnectionManager {
     default_timeout: Duration,
     backoff: Backoff,
     while_down: WhileDown,
+}
+
+impl Drop for ConnectionManager {
+    /// Closes the manager's connections (requests still pending on them fail
+    /// with [`Error::Shutdown`]); like tbnet's, a manager owns its
+    /// connections.
+    fn drop(&mut self) {
+        let shared = self.transport.shared();
+        let conns: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .drain()
+            .map(|(_, slot)| slot.conn)
+            .collect();
+        for conn in conns {
+            if !conn.is_closed() {
+                shared.command(Command::Close(conn, Error::Shutdown));
+            }
+        }
+    }
 }
 
 impl fmt::Debug for ConnectionManager {
@@ -454,7 +477,7 @@ impl ConnectionManager {
         completion: Completion,
     ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
         let sent = Instant::now();
-        let deadline = sent + timeout.unwrap_or(self.default_timeout);
+        let deadline = sent + clamp_wait(timeout.unwrap_or(self.default_timeout));
         let mut request = request;
         let mut completion = completion;
         // A connection can close between lookup and submit: then one retry
@@ -508,7 +531,7 @@ impl ConnectionManager {
                     slot.failures + 1
                 };
                 let delay = self.backoff.delay(slot.failures, jitter_seed());
-                slot.retry_at = Some(now + delay);
+                slot.retry_at = Some(now + clamp_wait(delay));
             }
             match slot.retry_at {
                 Some(at) if now < at => match self.while_down {
@@ -524,16 +547,6 @@ impl ConnectionManager {
             Side::Client,
             self.queue_limit,
         ));
-        // Queued before anyone else can see the connection, so the IO thread
-        // always registers it before flushing it.
-        match connect_at {
-            None => shared.command(Command::Connect(conn.clone())),
-            Some(at) => {
-                if !shared.timer.register_connect_at(at, conn.clone()) {
-                    return Err(Error::Shutdown);
-                }
-            }
-        }
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);
         conns.insert(
             server,
@@ -544,6 +557,22 @@ impl ConnectionManager {
                 accounted: false,
             },
         );
+        drop(conns);
+        // Outside the map lock: if the IO thread is gone, queuing a command
+        // fails other connections' requests, which may run callbacks. A
+        // flush queued by another thread before this Connect is harmless:
+        // the IO thread writes what is queued once the connect completes.
+        match connect_at {
+            None => shared.command(Command::Connect(conn.clone())),
+            Some(at) => {
+                if !shared.timer.register_connect_at(at, conn.clone()) {
+                    let mut readies = Vec::new();
+                    conn.close(Error::Shutdown, &mut readies);
+                    readies.into_iter().for_each(|ready| shared.deliver(ready));
+                    return Err(Error::Shutdown);
+                }
+            }
+        }
         tracing::debug!(%server, failures, "opening connection");
         Ok(conn)
     }

@@ -18,6 +18,16 @@ use crate::error::Error;
 use crate::packet::{ChannelId, Packet};
 use crate::sync::{Arc, Condvar, Mutex};
 
+/// The longest wait, timeout or delay this crate schedules (about 30
+/// years): longer durations are clamped to it, so `Duration::MAX` means
+/// "never" instead of overflowing an `Instant`.
+pub(crate) const LONGEST_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
+/// `d`, clamped to [`LONGEST_WAIT`].
+pub(crate) fn clamp_wait(d: Duration) -> Duration {
+    d.min(LONGEST_WAIT)
+}
+
 /// A callback run with a request's outcome (tbnet's `IPacketHandler`).
 ///
 /// Implemented for every `FnOnce(Result<Packet, Error>) + Send + 'static`
@@ -304,7 +314,7 @@ impl WaitObject {
         &mut self,
         timeout: Duration,
     ) -> Option<(usize, Result<Packet, Error>)> {
-        self.wait_any_inner(Some(Instant::now() + timeout))
+        self.wait_any_inner(Some(Instant::now() + clamp_wait(timeout)))
     }
 
     /// Blocks until every registered outcome has arrived and returns those
@@ -316,7 +326,7 @@ impl WaitObject {
     /// Like [`wait_all`](Self::wait_all), giving up after `timeout`: requests
     /// still pending then are cancelled and reported as [`Error::Timeout`].
     pub fn wait_all_timeout(&mut self, timeout: Duration) -> Vec<Result<Packet, Error>> {
-        self.wait_all_inner(Some(Instant::now() + timeout))
+        self.wait_all_inner(Some(Instant::now() + clamp_wait(timeout)))
     }
 
     fn wait_any_inner(

@@ -20,7 +20,8 @@ pub enum Error {
     /// The connection the request travelled on closed before its response
     /// arrived (peer closed, reset, protocol error, or connect failure).
     Disconnected,
-    /// The transport stopped (or the completion was dropped without firing)
+    /// The transport stopped, or the `ConnectionManager` that sent the
+    /// request was dropped, or its completion was dropped without firing,
     /// before the request finished.
     Shutdown,
     /// The caller gave up on the request (dropped its `ResponseFuture` or

@@ -102,6 +102,14 @@ pub trait PacketStreamer: Send + Sync + 'static {
     /// Appends the header for `packet` (whose body follows it unchanged).
     fn encode_header(&self, packet: &Packet, dst: &mut BytesMut);
 
+    /// The longest body this streamer frames (default `i32::MAX`). Senders
+    /// refuse longer packets with
+    /// [`Error::FrameTooLarge`](crate::Error::FrameTooLarge) rather than put
+    /// a frame on the wire that the peer would close the connection over.
+    fn max_body_len(&self) -> usize {
+        i32::MAX as usize
+    }
+
     /// Appends the whole frame for `packet`: header, then body.
     fn encode(&self, packet: &Packet, dst: &mut BytesMut) {
         self.encode_header(packet, dst);
@@ -204,9 +212,13 @@ impl PacketStreamer for DefaultStreamer {
         }))
     }
 
+    fn max_body_len(&self) -> usize {
+        self.max_body_len
+    }
+
     fn encode_header(&self, packet: &Packet, dst: &mut BytesMut) {
-        // A body longer than i32::MAX cannot be framed; the transport refuses
-        // such packets before they reach the streamer.
+        // A body longer than `max_body_len` (at most i32::MAX) is refused by
+        // the transport before it reaches the streamer.
         let len = i32::try_from(packet.body().len()).unwrap_or(i32::MAX);
         dst.reserve(HEADER_LEN);
         dst.put_u32(self.flag);

@@ -179,6 +179,13 @@ impl Conn {
                     completion,
                 });
             }
+            if let Some(error) = self.too_large(&packet) {
+                return Err(Rejected {
+                    error,
+                    packet,
+                    completion,
+                });
+            }
             if state.out.len() >= self.shared.config.max_outbound {
                 return Err(Rejected {
                     error: Error::QueueFull,
@@ -223,8 +230,21 @@ impl Conn {
         Ok(id)
     }
 
+    /// `FrameTooLarge` if the streamer cannot frame `packet`'s body.
+    fn too_large(&self, packet: &Packet) -> Option<Error> {
+        let max = self.shared.streamer.max_body_len();
+        let len = packet.body().len();
+        (len > max).then_some(Error::FrameTooLarge {
+            len: len as u64,
+            max,
+        })
+    }
+
     /// Queues a frame that expects no response (channel id as given).
     pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        if let Some(error) = self.too_large(&packet) {
+            return Err(SendError::new(error, packet));
+        }
         {
             let mut state = self.state.lock();
             if let Status::Closed(error) = &state.status {
@@ -257,6 +277,11 @@ impl Conn {
         if !self.flush_scheduled.swap(true, Ordering::AcqRel) {
             self.shared.command(Command::Flush(self.clone()));
         }
+    }
+
+    /// Bytes queued by senders and not yet taken by the IO thread.
+    pub(crate) fn queued_len(&self) -> usize {
+        self.state.lock().out.len()
     }
 
     /// Whether frames are queued and a flush was asked for.

@@ -34,6 +34,12 @@ pub(crate) const WAKER: Token = Token(usize::MAX);
 /// Reads per connection per turn before others get a go.
 const READS_PER_TURN: usize = 16;
 
+/// Requests decoded between two looks at a connection's unwritten output.
+const OUTPUT_CHECK_EVERY: usize = 32;
+
+/// Pause before retrying an accept that failed for lack of resources.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Slices handed to one `write_vectored` call.
 const MAX_IOVECS: usize = 64;
 
@@ -49,6 +55,8 @@ struct IoListener {
     socket: TcpListener,
     adaptor: Arc<dyn ServerAdaptor>,
     dispatch: Dispatch,
+    /// The last accept failed for lack of resources (logged once).
+    failing: bool,
 }
 
 struct IoConn {
@@ -79,18 +87,22 @@ struct IoLoop {
     paused: Vec<usize>,
     /// Connections that stopped reading for fairness, to continue next turn.
     again: Vec<usize>,
+    /// Listeners whose accept failed for lack of resources.
+    accept_retry: Vec<usize>,
     responses: Vec<Packet>,
     readies: Vec<Ready>,
 }
 
 /// The `tbnet-io` thread's body.
 pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
+    super::role::set(super::role::IO, &shared);
     let mut io = IoLoop {
         shared: shared.clone(),
         poll,
         endpoints: Slab::new(),
         paused: Vec::new(),
         again: Vec::new(),
+        accept_retry: Vec::new(),
         responses: Vec::new(),
         readies: Vec::new(),
     };
@@ -99,10 +111,12 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if io.run_commands() {
             break;
         }
-        let timeout = if io.again.is_empty() {
-            None
-        } else {
+        let timeout = if !io.again.is_empty() {
             Some(Duration::ZERO)
+        } else if !io.accept_retry.is_empty() {
+            Some(ACCEPT_RETRY)
+        } else {
+            None
         };
         // Announce the sleep, then look once more: a command queued after
         // this point finds the flag clear and wakes us.
@@ -126,6 +140,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         for token in std::mem::take(&mut io.again) {
             io.read(token);
         }
+        for token in std::mem::take(&mut io.accept_retry) {
+            io.accept(token);
+        }
     }
     io.shut_down();
     shared.io_exited.store(true, Ordering::SeqCst);
@@ -146,16 +163,41 @@ impl IoLoop {
                         self.write(token);
                     }
                 }
-                Command::Close(conn, error) => {
+                Command::Close(conn, error) => match self.token_of(&conn) {
+                    Some(token) => self.close(token, error),
+                    // Not connected yet (or never to be): end it all the same.
+                    None => self.fail_conn(&conn, error),
+                },
+                Command::ConnectTimedOut(conn) => {
                     if let Some(token) = self.token_of(&conn) {
-                        self.close(token, error);
+                        if self.conn_mut(token).is_some_and(|c| c.connecting) {
+                            tracing::warn!(peer = %conn.peer(), "connect timed out");
+                            self.close(token, Error::Timeout);
+                        }
                     }
                 }
+                Command::IdleCheck(conn) => self.check_idle(conn),
                 Command::ResumeReading => self.resume(),
                 Command::Shutdown => return true,
             }
         }
         false
+    }
+
+    /// Closes `conn` if its peer has been silent for the idle timeout, or
+    /// schedules the next look.
+    fn check_idle(&mut self, conn: Arc<Conn>) {
+        let (Some(token), Some(limit)) = (self.token_of(&conn), self.shared.config.idle_timeout)
+        else {
+            return;
+        };
+        let due = conn.last_active() + limit;
+        if due <= Instant::now() {
+            tracing::info!(peer = %conn.peer(), "closing idle connection");
+            self.close(token, Error::Timeout);
+        } else {
+            conn.arm_idle(due);
+        }
     }
 
     fn token_of(&self, conn: &Arc<Conn>) -> Option<usize> {
@@ -193,12 +235,16 @@ impl IoLoop {
             socket,
             adaptor,
             dispatch,
+            failing: false,
         }));
         // Connections may have queued before registration.
         self.accept(token.0);
     }
 
     fn connect(&mut self, conn: Arc<Conn>) {
+        if conn.is_closed() {
+            return;
+        }
         let peer = conn.peer();
         let socket = match TcpStream::connect(peer) {
             Ok(socket) => socket,
@@ -303,20 +349,40 @@ impl IoLoop {
 
     fn accept(&mut self, token: usize) {
         loop {
-            let Some(Endpoint::Listener(listener)) = self.endpoints.get(token) else {
+            let Some(Endpoint::Listener(listener)) = self.endpoints.get_mut(token) else {
                 return;
             };
             match listener.socket.accept() {
                 Ok((socket, peer)) => {
+                    if listener.failing {
+                        tracing::info!("accepting again");
+                        listener.failing = false;
+                    }
                     let server = Some((listener.adaptor.clone(), listener.dispatch));
                     let conn = Arc::new(Conn::new(self.shared.clone(), peer, Side::Server, 1));
                     tracing::debug!(%peer, "accepted");
                     self.insert_conn(socket, conn, server, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The peer gave up before we took it: take the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors or memory. The backlog still holds
+                    // connections, but no new edge will announce them:
+                    // retry after a pause instead of waiting for one.
+                    if let Some(Endpoint::Listener(listener)) = self.endpoints.get_mut(token) {
+                        if !listener.failing {
+                            tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_RETRY:?}");
+                            listener.failing = true;
+                        }
+                    }
+                    self.accept_retry.push(token);
                     return;
                 }
             }
@@ -379,12 +445,18 @@ impl IoLoop {
             // responses frees memory, and pausing both ends of one connection
             // would deadlock them. Clients are bounded by `QueueFull` instead.
             let out_paused = c.out_blocked && c.server.is_some();
-            if c.paused || out_paused || c.connecting {
+            if c.paused || out_paused || c.connecting || c.close_when_flushed {
                 return;
             }
             if reads == READS_PER_TURN {
                 self.again.push(token);
                 return;
+            }
+            if reads > 0 && c.server.is_some() && c.conn.flush_pending() {
+                // Answer what was read before reading more: this is also
+                // where a peer that does not read is noticed.
+                self.write(token);
+                continue;
             }
             reads += 1;
             match c.decoder.read_from(&mut c.socket) {
@@ -425,6 +497,10 @@ impl IoLoop {
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
             return Ok(());
         };
+        if c.close_when_flushed {
+            // The status page answered; this connection reads nothing more.
+            return Ok(());
+        }
         if !c.sniffed && c.server.is_some() {
             match status::sniff(c.decoder.buffered_bytes()) {
                 Sniff::Unsure => return Ok(()),
@@ -434,9 +510,20 @@ impl IoLoop {
         }
         let mut decoded = 0;
         let mut queued_jobs = false;
+        let max_outbound = shared.config.max_outbound;
         let result = loop {
-            if c.paused {
+            // (Only servers pause for output: see `read_until_blocked`.)
+            if c.paused || (c.out_blocked && c.server.is_some()) {
                 break Ok(());
+            }
+            // Replies can be far larger than requests: every few requests,
+            // stop if this connection's unwritten output reached its limit
+            // (`read` then writes, and reads on only once the peer took some).
+            if c.server.is_some() && decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1 {
+                if c.out.len() + c.conn.queued_len() >= max_outbound {
+                    c.out_blocked = true;
+                    break Ok(());
+                }
             }
             let packet = match c.decoder.next_packet(&*shared.streamer) {
                 Ok(Some(packet)) => packet,
@@ -621,6 +708,7 @@ impl IoLoop {
                     Command::Connect(conn) | Command::Close(conn, _) => {
                         self.fail_conn(&conn, Error::Shutdown);
                     }
+                    Command::ConnectTimedOut(_) | Command::IdleCheck(_) => {}
                     Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
                 }
             }
@@ -672,7 +760,6 @@ fn serve_http(shared: &Shared, c: &mut IoConn) -> Result<(), Error> {
             tracing::debug!(peer = %c.conn.peer(), path = %request.path, "status page request");
             c.out.push_raw(response);
             c.close_when_flushed = true;
-            c.paused = true;
             Ok(())
         }
         Err(reason) => {

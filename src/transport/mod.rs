@@ -2,6 +2,7 @@
 
 mod conn;
 mod io;
+pub(crate) mod role;
 mod stats;
 mod timer;
 pub(crate) mod workers;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use crossbeam_queue::SegQueue;
 
+use crate::completion::clamp_wait;
 use crate::error::Error;
 use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
 use crate::server::{Dispatch, ServerAdaptor};
@@ -34,6 +36,11 @@ pub(crate) enum Command {
     Connect(Arc<Conn>),
     Flush(Arc<Conn>),
     Close(Arc<Conn>, Error),
+    /// The connect timeout passed: close the connection if still connecting.
+    ConnectTimedOut(Arc<Conn>),
+    /// The idle timeout may have passed: close the connection if its peer
+    /// is still silent.
+    IdleCheck(Arc<Conn>),
     ResumeReading,
     Shutdown,
 }
@@ -101,7 +108,11 @@ impl Shared {
         let mut readies = Vec::new();
         while let Some(command) = self.commands.pop() {
             match command {
-                Command::Connect(conn) | Command::Flush(conn) | Command::Close(conn, _) => {
+                Command::Connect(conn)
+                | Command::Flush(conn)
+                | Command::Close(conn, _)
+                | Command::ConnectTimedOut(conn)
+                | Command::IdleCheck(conn) => {
                     conn.close(Error::Shutdown, &mut readies);
                 }
                 Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
@@ -118,8 +129,8 @@ impl Shared {
             ready.fire();
             return;
         }
-        if self.config.callbacks == Dispatch::IoThread || self.workers_exited.load(Ordering::SeqCst)
-        {
+        let inline = self.config.callbacks == Dispatch::IoThread && role::is(role::IO, self);
+        if inline || self.workers_exited.load(Ordering::SeqCst) {
             workers::run_callback(ready);
             return;
         }
@@ -212,12 +223,12 @@ impl TransportBuilder {
     /// Where client callbacks ([`ConnectionManager::send`](crate::ConnectionManager::send))
     /// run (default [`Dispatch::Workers`]).
     ///
-    /// With [`Dispatch::IoThread`] a callback runs on the thread that ended
-    /// its request, as in tbnet: `tbnet-io` for responses and disconnects,
-    /// `tbnet-timer` for timeouts, the thread calling
-    /// [`Transport::stop`] for requests failed by shutdown. No hand-off, so pipelined callbacks are much
-    /// faster, but a callback then must not block: while it runs, every
-    /// connection (or every timeout) of the transport waits, and a blocking
+    /// With [`Dispatch::IoThread`] a callback for a response or a
+    /// disconnect runs inline on `tbnet-io`, as in tbnet: no hand-off, so
+    /// pipelined callbacks are much faster. Callbacks ended elsewhere
+    /// (timeouts, shutdown) still go to the workers, so the timeout thread
+    /// never runs user code. An inline callback must not block: while it
+    /// runs, every connection of the transport waits, and a blocking
     /// [`call`](crate::ConnectionManager::call) made from it can only end by
     /// its timeout. It may send further requests with `send` or
     /// `call_async`.
@@ -241,14 +252,14 @@ impl TransportBuilder {
 
     /// How long a client connection may take to connect (default 3 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
+        self.config.connect_timeout = clamp_wait(timeout);
         self
     }
 
     /// How long [`Transport::stop`] keeps flushing replies and waiting for
     /// busy workers (default 500 ms).
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
-        self.config.shutdown_grace = grace;
+        self.config.shutdown_grace = clamp_wait(grace);
         self
     }
 
@@ -264,7 +275,7 @@ impl TransportBuilder {
     /// Closes server-side connections that sent nothing for this long
     /// (default 900 s, tbnet's; `None` keeps them forever).
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.config.idle_timeout = timeout;
+        self.config.idle_timeout = timeout.map(clamp_wait);
         self
     }
 
@@ -274,7 +285,7 @@ impl TransportBuilder {
     /// connection's pending requests fail with [`Error::Disconnected`]
     /// instead of waiting for their deadlines.
     pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
-        self.config.tcp_keepalive = idle;
+        self.config.tcp_keepalive = idle.map(clamp_wait);
         self
     }
 
@@ -308,7 +319,7 @@ impl TransportBuilder {
     /// Longest the timeout thread sleeps between looks (default 100 ms; it
     /// also wakes for every earlier deadline).
     pub fn timer_tick(mut self, tick: Duration) -> Self {
-        self.config.timer_tick = tick.max(Duration::from_millis(1));
+        self.config.timer_tick = clamp_wait(tick).max(Duration::from_millis(1));
         self
     }
 
@@ -491,6 +502,12 @@ impl Inner {
             return;
         };
         let shared = &self.shared;
+        // Called from inside a worker's handler: that handler is not work the
+        // shutdown should wait for.
+        let on_worker = role::is(role::WORKER, shared);
+        if on_worker {
+            shared.workers.leave_busy();
+        }
         let deadline = std::time::Instant::now() + shared.config.shutdown_grace;
         shared.stopping.store(true, Ordering::SeqCst);
         workers::begin_stop(&shared.workers);
@@ -511,6 +528,9 @@ impl Inner {
         shared.workers_exited.store(true, Ordering::SeqCst);
         shared.workers.drop_requests();
         shared.workers.drain_callbacks();
+        if on_worker {
+            shared.workers.enter_busy();
+        }
         *self.stopped.lock() = true;
         self.stopped_cond.notify_all();
         tracing::info!("transport stopped");

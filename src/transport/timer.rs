@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::Error;
 use crate::sync::{Condvar, Mutex};
 
 use super::conn::Conn;
@@ -215,9 +214,9 @@ pub(crate) fn run(shared: &Shared) {
                     }
                 }
                 Kind::Connect => {
+                    // The IO thread decides: the connect may complete first.
                     if entry.conn.is_connecting() {
-                        tracing::warn!(peer = %entry.conn.peer(), "connect timed out");
-                        shared.command(Command::Close(entry.conn, Error::Timeout));
+                        shared.command(Command::ConnectTimedOut(entry.conn));
                     }
                 }
                 Kind::ConnectAt => {
@@ -236,8 +235,8 @@ pub(crate) fn run(shared: &Shared) {
             };
             let due = conn.last_active() + limit;
             if due <= now {
-                tracing::info!(peer = %conn.peer(), "closing idle connection");
-                shared.command(Command::Close(conn, Error::Timeout));
+                // The IO thread decides: a request may arrive first.
+                shared.command(Command::IdleCheck(conn));
             } else {
                 conn.arm_idle(due);
             }

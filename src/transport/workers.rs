@@ -84,6 +84,14 @@ impl WorkQueues {
         self.notify();
     }
 
+    pub(crate) fn enter_busy(&self) {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn leave_busy(&self) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+
     /// Workers inside a handler now.
     pub(crate) fn busy(&self) -> usize {
         self.busy.load(Ordering::SeqCst)
@@ -147,23 +155,19 @@ pub(crate) fn spawn(shared: &Arc<Shared>, n: usize) -> std::io::Result<Vec<JoinH
 }
 
 fn work(shared: &Shared) {
+    super::role::set(super::role::WORKER, shared);
     let queues = &shared.workers;
+    // Callbacks and requests take turns, so a flood of one cannot starve
+    // the other.
+    let mut callback_first = true;
     loop {
-        if let Some(ready) = queues.callbacks.pop() {
-            run_callback(ready);
-            continue;
-        }
-        if let Some(job) = queues.requests.pop() {
-            if queues.io_waiting.swap(false, Ordering::SeqCst) {
-                shared.command(Command::ResumeReading);
-            }
-            if queues.is_stopping() {
-                // Shutting down: the request is dropped unanswered.
-                continue;
-            }
-            queues.busy.fetch_add(1, Ordering::SeqCst);
-            run_job(job);
-            queues.busy.fetch_sub(1, Ordering::SeqCst);
+        callback_first = !callback_first;
+        let ran = if callback_first {
+            run_one_callback(queues) || run_one_request(shared)
+        } else {
+            run_one_request(shared) || run_one_callback(queues)
+        };
+        if ran {
             continue;
         }
         if queues.is_stopping() {
@@ -183,6 +187,38 @@ fn work(shared: &Shared) {
         queues.sleepers.fetch_sub(1, Ordering::SeqCst);
         drop(guard);
     }
+}
+
+fn run_one_callback(queues: &WorkQueues) -> bool {
+    let Some(ready) = queues.callbacks.pop() else {
+        return false;
+    };
+    run_callback(ready);
+    true
+}
+
+fn run_one_request(shared: &Shared) -> bool {
+    let queues = &shared.workers;
+    let Some(job) = queues.requests.pop() else {
+        return false;
+    };
+    if queues.io_waiting.load(Ordering::SeqCst) && queues.io_waiting.swap(false, Ordering::SeqCst) {
+        shared.command(Command::ResumeReading);
+    }
+    if queues.is_stopping() {
+        // Shutting down: the request is dropped unanswered.
+        return true;
+    }
+    // The IO thread wakes one worker per batch; each worker that takes a
+    // request passes the wake on while more are queued, so a slow handler
+    // never holds up the rest of its batch.
+    if !queues.requests.is_empty() {
+        queues.notify();
+    }
+    queues.enter_busy();
+    run_job(job);
+    queues.leave_busy();
+    true
 }
 
 /// Spins briefly, then yields once, watching for work. True if some came.
