@@ -519,11 +519,12 @@ impl IoLoop {
             // Replies can be far larger than requests: every few requests,
             // stop if this connection's unwritten output reached its limit
             // (`read` then writes, and reads on only once the peer took some).
-            if c.server.is_some() && decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1 {
-                if c.out.len() + c.conn.queued_len() >= max_outbound {
-                    c.out_blocked = true;
-                    break Ok(());
-                }
+            if c.server.is_some()
+                && decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1
+                && c.out.len() + c.conn.queued_len() >= max_outbound
+            {
+                c.out_blocked = true;
+                break Ok(());
             }
             let packet = match c.decoder.next_packet(&*shared.streamer) {
                 Ok(Some(packet)) => packet,

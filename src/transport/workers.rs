@@ -162,11 +162,13 @@ fn work(shared: &Shared) {
     let mut callback_first = true;
     loop {
         callback_first = !callback_first;
-        let ran = if callback_first {
-            run_one_callback(queues) || run_one_request(shared)
+        type Runner = fn(&Shared) -> bool;
+        let (first, second): (Runner, Runner) = if callback_first {
+            (run_one_callback, run_one_request)
         } else {
-            run_one_request(shared) || run_one_callback(queues)
+            (run_one_request, run_one_callback)
         };
+        let ran = first(shared) || second(shared);
         if ran {
             continue;
         }
@@ -189,8 +191,8 @@ fn work(shared: &Shared) {
     }
 }
 
-fn run_one_callback(queues: &WorkQueues) -> bool {
-    let Some(ready) = queues.callbacks.pop() else {
+fn run_one_callback(shared: &Shared) -> bool {
+    let Some(ready) = shared.workers.callbacks.pop() else {
         return false;
     };
     run_callback(ready);
