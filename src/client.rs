@@ -309,8 +309,9 @@ impl ConnectionManager {
     ///
     /// # Errors
     /// The request handed back if it could not be queued
-    /// ([`Error::QueueFull`], [`Error::Shutdown`], ...); the handler then
-    /// does not run.
+    /// ([`Error::QueueFull`] when the connection's queue, or the transport's
+    /// queue of callbacks waiting to run, is full; [`Error::Shutdown`];
+    /// ...); the handler then does not run.
     pub fn send<H: PacketHandler>(
         &self,
         server: impl Into<SocketAddr>,
@@ -318,6 +319,9 @@ impl ConnectionManager {
         timeout: Option<Duration>,
         handler: H,
     ) -> Result<(), SendError<Packet>> {
+        if self.transport.shared().workers.callbacks_full() {
+            return Err(SendError::new(Error::QueueFull, request));
+        }
         self.submit(
             server.into(),
             request,
@@ -348,8 +352,9 @@ impl ConnectionManager {
     /// index there. Dropping `wait` cancels the requests still pending.
     ///
     /// # Errors
-    /// The request handed back if it could not be queued (nothing is then
-    /// registered on `wait`).
+    /// The request handed back if it could not be queued; its slot on
+    /// `wait` is then already complete and is not returned by any wait (it
+    /// still counts in [`registered`](WaitObject::registered)).
     pub fn send_wait(
         &self,
         server: impl Into<SocketAddr>,

@@ -198,7 +198,9 @@ impl WaitShared {
     fn fire(&self, index: usize, result: Result<Packet, Error>) {
         {
             let mut state = self.state.lock();
-            let slot = &mut state.slots[index];
+            let Some(slot) = state.slots.get_mut(index) else {
+                return;
+            };
             if !matches!(slot, Slot::Pending) {
                 // Given up on by `wait_all_timeout`; nobody reads it.
                 return;
@@ -318,7 +320,9 @@ impl WaitObject {
     }
 
     /// Blocks until every registered outcome has arrived and returns those
-    /// not taken yet, in registration order.
+    /// not taken yet, in registration order. The WaitObject is then empty
+    /// and can be reused: indices start again at 0 (unless
+    /// [`wait_all_timeout`](Self::wait_all_timeout) gave up on some).
     pub fn wait_all(&mut self) -> Vec<Result<Packet, Error>> {
         self.wait_all_inner(None)
     }
@@ -378,6 +382,15 @@ impl WaitObject {
                 Slot::Taken => None,
             })
             .collect();
+        if gave_up.is_empty() {
+            // Everything arrived and was taken: nothing can fire into these
+            // slots any more, so start afresh (a reused WaitObject does not
+            // grow with every batch).
+            state.slots.clear();
+            drop(state);
+            self.cancels.clear();
+            return results;
+        }
         drop(state);
         for index in gave_up {
             if let Some(handle) = self.cancels[index].take() {
@@ -429,7 +442,11 @@ impl FutureShared {
             state.waker.take()
         };
         if let Some(waker) = waker {
-            waker.wake();
+            // A waker is the executor's code: a panic in it must not take
+            // down the transport thread that completed the request.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())).is_err() {
+                tracing::error!("a future's waker panicked");
+            }
         }
     }
 }

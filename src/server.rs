@@ -22,6 +22,11 @@ use crate::transport::Conn;
 /// slow work to another thread and reply from there). A panic in a handler
 /// is caught and logged; its request is left unanswered.
 ///
+/// Client callbacks of the same transport also run on its workers: a
+/// handler must not block waiting for one (with every worker so blocked,
+/// none is left to run it). Wait with `call` or a future instead, or send
+/// from a second transport.
+///
 /// # Examples
 /// ```
 /// use tbnet::{Packet, Responder, ServerAdaptor};

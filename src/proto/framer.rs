@@ -188,6 +188,15 @@ impl FrameDecoder {
         let mut frame = self.buf.split_to(frame_len);
         self.filled -= frame_len;
         self.needed = 1;
+        if frame_len > self.read_chunk {
+            // The bytes after a large frame share its allocation: a small
+            // body kept from them would keep all of it alive. Move them to
+            // a buffer of their own (a copy of at most what arrived with it).
+            let mut fresh = BytesMut::with_capacity(self.filled.max(MIN_READ));
+            fresh.extend_from_slice(&self.buf[..self.filled]);
+            self.buf = fresh;
+            self.chunk = MIN_READ;
+        }
         frame.advance(header.header_len);
         Ok(Some(Packet::from_parts(
             header.pcode,
@@ -300,6 +309,21 @@ mod tests {
             "{}",
             d.capacity()
         );
+    }
+
+    #[test]
+    fn bodies_after_a_large_frame_do_not_share_its_buffer() {
+        let s = DefaultStreamer::new();
+        let wire = encode_all(&[Packet::new(1, vec![1u8; 1 << 20]), Packet::new(2, "tiny")]);
+        let mut d = FrameDecoder::new();
+        d.extend_from_slice(&wire);
+        let big = d.next_packet(&s).unwrap().unwrap();
+        let tiny = d.next_packet(&s).unwrap().unwrap();
+        // Shared, the tiny body would sit right after the big one's bytes and
+        // its own header, in the same allocation.
+        let shared_at = big.body().as_ptr() as usize + (1 << 20) + 16;
+        assert_ne!(tiny.body().as_ptr() as usize, shared_at);
+        assert_eq!(tiny.body(), "tiny");
     }
 
     #[test]

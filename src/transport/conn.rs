@@ -362,6 +362,9 @@ impl Conn {
             }
             state.status = Status::Closed(request_error.clone());
             state.pool.fail_all(&request_error, out);
+            // Release the table's memory: a closed connection may outlive its
+            // close for a while (timer entries, responders still held).
+            state.pool = ChannelPool::new(state.pool.capacity());
             state.out = WriteQueue::new();
             state.timer_at = None;
             if let Some(at) = state.idle_at.take() {

@@ -50,6 +50,7 @@ pub(crate) enum Command {
 pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) worker_queue: usize,
+    pub(crate) callback_queue: usize,
     pub(crate) dispatch: Dispatch,
     pub(crate) callbacks: Dispatch,
     pub(crate) read_chunk: usize,
@@ -181,6 +182,7 @@ impl Default for TransportBuilder {
                     .map_or(2, |n| n.get())
                     .max(2),
                 worker_queue: 4096,
+                callback_queue: 65536,
                 dispatch: Dispatch::Workers,
                 callbacks: Dispatch::Workers,
                 read_chunk: DEFAULT_READ_CHUNK,
@@ -210,6 +212,15 @@ impl TransportBuilder {
     /// worker frees a place; no request is dropped.
     pub fn worker_queue(mut self, capacity: usize) -> Self {
         self.config.worker_queue = capacity.max(1);
+        self
+    }
+
+    /// Most client callbacks waiting for a worker (default 65536). Past it,
+    /// [`ConnectionManager::send`](crate::ConnectionManager::send) refuses
+    /// new requests with [`Error::QueueFull`] until the workers catch up: a
+    /// slow callback cannot make responses pile up without bound.
+    pub fn callback_queue(mut self, capacity: usize) -> Self {
+        self.config.callback_queue = capacity.max(1);
         self
     }
 
@@ -333,7 +344,7 @@ impl TransportBuilder {
         let waker = mio::Waker::new(poll.registry(), io::WAKER)?;
         let shared = Arc::new(Shared {
             timer: TimerQueue::new(self.config.timer_tick),
-            workers: WorkQueues::new(self.config.worker_queue),
+            workers: WorkQueues::new(self.config.worker_queue, self.config.callback_queue),
             config: self.config,
             streamer: self.streamer,
             stats: Stats::default(),
@@ -374,7 +385,9 @@ impl TransportBuilder {
 ///
 /// A cheap, cloneable handle. The threads stop when [`stop`](Self::stop) is
 /// called or the last handle (including those held by
-/// [`ConnectionManager`](crate::ConnectionManager)s) is dropped.
+/// [`ConnectionManager`](crate::ConnectionManager)s) is dropped. A handle
+/// held by the transport's own adaptor or callbacks makes a cycle that
+/// dropping cannot break: such a transport must be stopped explicitly.
 ///
 /// # Examples
 /// A server and a client on one transport:

@@ -101,7 +101,9 @@ impl Stats {
             bytes_out: self.io.get(BYTES_OUT),
             connections: self.io.get(CONNECTIONS),
             connections_total: self.io.get(CONNECTIONS_TOTAL),
-            pending: self.callers.get(PENDING),
+            // Added after, and removed by other threads: a snapshot can
+            // catch a removal before its addition.
+            pending: (self.callers.get(PENDING) as i64).max(0) as u64,
             timeouts: self.callers.get(TIMEOUTS),
             late_responses: self.io.get(LATE_RESPONSES),
             replies_dropped: self.callers.get(REPLIES_DROPPED),

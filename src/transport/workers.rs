@@ -33,6 +33,9 @@ pub(crate) struct Job {
 pub(crate) struct WorkQueues {
     requests: ArrayQueue<Job>,
     callbacks: SegQueue<Ready>,
+    /// Callbacks queued and not yet run, and how many may be.
+    callbacks_queued: AtomicUsize,
+    callback_limit: usize,
     sleepers: AtomicUsize,
     park: Mutex<()>,
     wakeup: Condvar,
@@ -46,10 +49,12 @@ pub(crate) struct WorkQueues {
 }
 
 impl WorkQueues {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, callback_limit: usize) -> Self {
         WorkQueues {
             requests: ArrayQueue::new(capacity.max(1)),
             callbacks: SegQueue::new(),
+            callbacks_queued: AtomicUsize::new(0),
+            callback_limit,
             sleepers: AtomicUsize::new(0),
             park: Mutex::new(()),
             wakeup: Condvar::new(),
@@ -80,8 +85,22 @@ impl WorkQueues {
     }
 
     pub(crate) fn push_callback(&self, ready: Ready) {
+        self.callbacks_queued.fetch_add(1, Ordering::Relaxed);
         self.callbacks.push(ready);
         self.notify();
+    }
+
+    /// Whether as many callbacks wait as the limit allows: new requests with
+    /// callbacks are then refused (`QueueFull`). Pending limits do not bound
+    /// this queue, since a request leaves its pool before its callback runs.
+    pub(crate) fn callbacks_full(&self) -> bool {
+        self.callbacks_queued.load(Ordering::Relaxed) >= self.callback_limit
+    }
+
+    fn pop_callback(&self) -> Option<Ready> {
+        let ready = self.callbacks.pop()?;
+        self.callbacks_queued.fetch_sub(1, Ordering::Relaxed);
+        Some(ready)
     }
 
     pub(crate) fn enter_busy(&self) {
@@ -130,7 +149,7 @@ impl WorkQueues {
     /// Runs callbacks still queued (on the calling thread). Used when the
     /// workers are gone.
     pub(crate) fn drain_callbacks(&self) {
-        while let Some(ready) = self.callbacks.pop() {
+        while let Some(ready) = self.pop_callback() {
             run_callback(ready);
         }
     }
@@ -192,7 +211,7 @@ fn work(shared: &Shared) {
 }
 
 fn run_one_callback(shared: &Shared) -> bool {
-    let Some(ready) = shared.workers.callbacks.pop() else {
+    let Some(ready) = shared.workers.pop_callback() else {
         return false;
     };
     run_callback(ready);

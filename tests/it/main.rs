@@ -11,6 +11,7 @@ mod faults;
 mod handles;
 mod hostile;
 mod reconnect;
+mod regressions;
 mod server;
 mod shutdown;
 mod soak;
