@@ -259,6 +259,13 @@ impl ConnectionManager {
     /// `1..=`[`MAX_PENDING`](crate::proto::MAX_PENDING)); past it,
     /// submissions fail with [`Error::QueueFull`]. Applies to connections
     /// opened afterwards.
+    ///
+    /// The limit also sets how channel ids split their 32 bits: the bits
+    /// the limit needs name the slot, the rest its generation. With the
+    /// default (256) a slot's id repeats only after 2^23 reuses; with the
+    /// largest limit, after 2^12. A response arriving so late that its slot
+    /// has been reused exactly that many times is the only way one could
+    /// reach a newer request: keep limits near what is needed.
     pub fn with_queue_limit(mut self, limit: usize) -> Self {
         self.queue_limit = limit.clamp(1, crate::proto::MAX_PENDING);
         self
