@@ -142,7 +142,7 @@ impl Responder {
                 "reply sent"
             );
         }
-        self.conn.send_frame(response).inspect_err(|_| {
+        self.conn.send_reply(response).inspect_err(|_| {
             self.conn.shared.stats.reply_dropped();
         })
     }

@@ -264,6 +264,15 @@ impl Conn {
         Ok(())
     }
 
+    /// Queues a reply: straight into the IO thread's queue when made by a
+    /// handler running on it for this connection, else as any frame.
+    pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        if self.too_large(&packet).is_none() && super::inline::try_push(self, &packet) {
+            return Ok(());
+        }
+        self.send_frame(packet)
+    }
+
     /// Asks the IO thread to write this connection's queue, unless a request
     /// to do so is already on its way.
     pub(crate) fn schedule_flush(self: &Arc<Self>) {

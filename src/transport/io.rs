@@ -22,6 +22,8 @@ use crate::packet::Packet;
 use crate::proto::{FrameDecoder, Ready, WriteQueue};
 use crate::server::{Dispatch, Responder, ServerAdaptor};
 use crate::status::{self, Sniff};
+
+use super::inline;
 use crate::sync::Ordering;
 
 use super::conn::{Conn, Side, NO_TOKEN};
@@ -425,7 +427,7 @@ impl IoLoop {
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.
         if let Some(c) = self.conn_mut(token) {
-            if c.conn.flush_pending() || c.close_when_flushed {
+            if c.conn.flush_pending() || !c.out.is_empty() || c.close_when_flushed {
                 self.write(token);
             }
         }
@@ -433,6 +435,9 @@ impl IoLoop {
 
     fn read_until_blocked(&mut self, token: usize) {
         let mut reads = 0;
+        // Whether output was written since the last read (once per read is
+        // enough: the socket may take no more until the peer reads).
+        let mut written = true;
         loop {
             if let Err(error) = self.decode(token) {
                 self.close(token, error);
@@ -452,9 +457,10 @@ impl IoLoop {
                 self.again.push(token);
                 return;
             }
-            if reads > 0 && c.server.is_some() && c.conn.flush_pending() {
+            if !written && c.server.is_some() && (c.conn.flush_pending() || !c.out.is_empty()) {
                 // Answer what was read before reading more: this is also
                 // where a peer that does not read is noticed.
+                written = true;
                 self.write(token);
                 continue;
             }
@@ -468,6 +474,7 @@ impl IoLoop {
                 Ok(n) => {
                     c.conn.touch();
                     self.shared.stats.bytes_in(n as u64);
+                    written = false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.decoder.release_if_idle();
@@ -511,6 +518,12 @@ impl IoLoop {
         let mut decoded = 0;
         let mut queued_jobs = false;
         let max_outbound = shared.config.max_outbound;
+        // Replies made inline go straight into the write queue (see `inline`).
+        let lend = matches!(c.server, Some((_, Dispatch::IoThread)));
+        let frames_before = c.out.frames();
+        if lend {
+            inline::begin(&c.conn, std::mem::take(&mut c.out));
+        }
         let result = loop {
             // (Only servers pause for output: see `read_until_blocked`.)
             if c.paused || (c.out_blocked && c.server.is_some()) {
@@ -521,7 +534,7 @@ impl IoLoop {
             // (`read` then writes, and reads on only once the peer took some).
             if c.server.is_some()
                 && decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1
-                && c.out.len() + c.conn.queued_len() >= max_outbound
+                && c.out.len() + inline::len() + c.conn.queued_len() >= max_outbound
             {
                 c.out_blocked = true;
                 break Ok(());
@@ -566,6 +579,10 @@ impl IoLoop {
                 }
             }
         };
+        if lend {
+            c.out = inline::end();
+            shared.stats.packets_out(c.out.frames() - frames_before);
+        }
         shared.stats.packets_in(decoded);
         if queued_jobs {
             shared.workers.notify();

@@ -1,6 +1,7 @@
 //! The transport: one IO thread, one timeout thread, a worker pool.
 
 mod conn;
+mod inline;
 mod io;
 pub(crate) mod role;
 mod stats;
