@@ -482,6 +482,7 @@ fn parse_args() -> Result<Options, String> {
             Row::Client(0),
             Row::Client(1),
             Row::Client(2),
+            Row::Client(3),
         ],
     };
     let mut it = std::env::args().skip(1);
