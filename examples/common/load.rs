@@ -166,11 +166,7 @@ pub fn drive_call(run: &Arc<Run>, depth: usize) -> Tally {
             })
         })
         .collect();
-    merge_all(
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("driver thread panicked")),
-    )
+    join_drivers(handles)
 }
 
 /// A callback chain: each completion records and sends the next request.
@@ -299,6 +295,11 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
             })
         })
         .collect();
+    join_drivers(handles)
+}
+
+/// Waits for every driver thread and adds up what they saw.
+fn join_drivers(handles: Vec<thread::JoinHandle<Tally>>) -> Tally {
     merge_all(
         handles
             .into_iter()

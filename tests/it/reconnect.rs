@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tbnet::{Backoff, ConnectionManager, Error, Packet, Transport, WhileDown};
 
 use crate::support::{
-    echo, echo_server, frame, loopback, read_frame, send_bytes, stop, transport, within, Recorder,
-    SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT, WAIT_LIMIT,
+    echo, echo_server, frame, loopback, one_request_each_way, read_frame, send_bytes, stop,
+    transport, within, SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT, WAIT_LIMIT,
 };
 
 #[test]
@@ -20,22 +20,7 @@ fn pending_calls_fail_when_the_server_stops_and_later_calls_reconnect() {
     let client_transport = transport();
     let client = Arc::new(ConnectionManager::new(&client_transport));
 
-    let recorder = Recorder::new(1);
-    client
-        .send(
-            addr,
-            Packet::new(1, "callback"),
-            Some(NEVER),
-            recorder.handler(0),
-        )
-        .expect("send");
-    let future = client
-        .call_async(addr, Packet::new(1, "future"), Some(NEVER))
-        .expect("submit");
-    let blocking = {
-        let client = client.clone();
-        thread::spawn(move || client.call(addr, Packet::new(1, "blocking"), Some(NEVER)))
-    };
+    let (recorder, future, blocking) = one_request_each_way(&client, addr);
     first.wait_received(3);
     stop(&first.transport);
 

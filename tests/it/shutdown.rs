@@ -9,8 +9,8 @@ use std::thread;
 use tbnet::{ConnectionManager, Dispatch, Error, Packet, Responder, Transport};
 
 use crate::support::{
-    closed_by_peer, echo, echo_server, frame, loopback, raw_client, send_bytes, stop, transport,
-    wait_until, within, Recorder, SilentServer, NEVER, WAIT_LIMIT,
+    closed_by_peer, echo, echo_server, frame, loopback, one_request_each_way, raw_client,
+    send_bytes, stop, transport, wait_until, within, Recorder, SilentServer, NEVER, WAIT_LIMIT,
 };
 
 #[test]
@@ -34,22 +34,7 @@ fn stop_returns_with_requests_pending_and_a_handler_that_never_returns() {
         .expect("listen")
     };
     let client = Arc::new(ConnectionManager::new(&both));
-    let recorder = Recorder::new(1);
-    client
-        .send(
-            addr,
-            Packet::new(1, "callback"),
-            Some(NEVER),
-            recorder.handler(0),
-        )
-        .expect("send");
-    let future = client
-        .call_async(addr, Packet::new(1, "future"), Some(NEVER))
-        .expect("submit");
-    let blocking = {
-        let client = client.clone();
-        thread::spawn(move || client.call(addr, Packet::new(1, "blocking"), Some(NEVER)))
-    };
+    let (recorder, future, blocking) = one_request_each_way(&client, addr);
     assert!(wait_until(WAIT_LIMIT, || {
         entered.load(Ordering::SeqCst) >= 1 && both.stats().pending == 3
     }));

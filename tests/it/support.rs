@@ -330,3 +330,33 @@ pub fn send_bytes(stream: &mut TcpStream, bytes: &[u8]) {
     stream.write_all(bytes).expect("write to the peer");
     stream.flush().expect("flush");
 }
+
+/// One request each way of waiting, all pending on `client` to `addr`: a
+/// callback (recorded in the returned recorder's slot 0), a future, and a
+/// blocking call on its own thread.
+pub fn one_request_each_way(
+    client: &Arc<tbnet::ConnectionManager>,
+    addr: std::net::SocketAddr,
+) -> (
+    Arc<Recorder>,
+    tbnet::ResponseFuture,
+    JoinHandle<Result<Packet, Error>>,
+) {
+    let recorder = Recorder::new(1);
+    client
+        .send(
+            addr,
+            Packet::new(1, "callback"),
+            Some(NEVER),
+            recorder.handler(0),
+        )
+        .expect("send");
+    let future = client
+        .call_async(addr, Packet::new(1, "future"), Some(NEVER))
+        .expect("submit");
+    let blocking = {
+        let client = client.clone();
+        thread::spawn(move || client.call(addr, Packet::new(1, "blocking"), Some(NEVER)))
+    };
+    (recorder, future, blocking)
+}
