@@ -471,6 +471,11 @@ impl Transport {
         let listener = mio::net::TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
         shared.command(Command::Listen(listener, Arc::new(adaptor), dispatch));
+        if shared.is_stopping() {
+            // `stop` began meanwhile: the IO thread may drop the listener
+            // unregistered, so do not report it as listening.
+            return Err(Error::Shutdown);
+        }
         tracing::info!(%local, ?dispatch, "listening");
         Ok(local)
     }
