@@ -12,11 +12,6 @@ use tbnet::{ConnectionManager, Packet, Responder, Transport};
 
 use support::*;
 
-/// Open file descriptors of this process (Linux).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
-}
-
 /// Requests still in the worker queue when the workers exited kept the
 /// transport's shared state (and its waker's descriptor) alive through
 /// their responders: every stopped server leaked.

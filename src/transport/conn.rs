@@ -329,9 +329,7 @@ impl Conn {
         }
         self.shared.stats.pending_removed(out.len() - before);
         self.trace_outcomes(&out[before..]);
-        for _ in 0..late {
-            self.shared.stats.late_response();
-        }
+        self.shared.stats.late_responses(late);
         if late > 0 {
             tracing::debug!(peer = %self.peer, late, "dropped responses matching no pending request");
         }

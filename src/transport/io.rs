@@ -504,8 +504,9 @@ impl IoLoop {
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
             return Ok(());
         };
-        if c.close_when_flushed {
-            // The status page answered; this connection reads nothing more.
+        if c.close_when_flushed || c.decoder.buffered() == 0 {
+            // Nothing to decode, or the status page answered and this
+            // connection reads nothing more.
             return Ok(());
         }
         if !c.sniffed && c.server.is_some() {

@@ -66,8 +66,10 @@ impl Stats {
     pub(crate) fn connection_closed(&self) {
         self.io.sub(CONNECTIONS, 1);
     }
-    pub(crate) fn late_response(&self) {
-        self.io.add(LATE_RESPONSES, 1);
+    pub(crate) fn late_responses(&self, n: usize) {
+        if n > 0 {
+            self.io.add(LATE_RESPONSES, n as u64);
+        }
     }
     pub(crate) fn bad_frame(&self) {
         self.io.add(BAD_FRAMES, 1);

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use tbnet::{ConnectionManager, Error, Packet, Responder, WaitObject};
 
 use crate::support::{
-    echo_server, loopback, transport, within, SilentServer, HANG_GUARD, NEVER, WAIT_LIMIT,
+    echo_server, gather_reversed, loopback, transport, within, SilentServer, HANG_GUARD, NEVER,
+    WAIT_LIMIT,
 };
 
 const CALLERS: usize = 8;
@@ -138,26 +139,8 @@ fn wait_object_gathers_replies_in_registration_and_arrival_order() {
     let client = ConnectionManager::new(&client_transport);
 
     let mut wait = WaitObject::new();
-    for i in 0..REQUESTS {
-        let index = client
-            .send_wait(
-                server.addr,
-                Packet::new(1, format!("gather-{i}")),
-                Some(NEVER),
-                &mut wait,
-            )
-            .expect("send_wait");
-        assert_eq!(index, i);
-    }
-    server.wait_received(REQUESTS);
-    let mut held = server.take();
-    held.sort_by_key(|(request, _)| request.body().clone());
     // Replies leave in reverse order on one connection, so they arrive so.
-    for (request, responder) in held.into_iter().rev() {
-        responder
-            .reply(request.reply(request.body().clone()))
-            .expect("reply");
-    }
+    gather_reversed(&client, &server, &mut wait, "gather", REQUESTS);
 
     let (arrivals, wait) = within("wait_any", move || {
         let arrivals: Vec<_> = (0..REQUESTS)
@@ -184,22 +167,7 @@ fn wait_all_returns_every_response_in_registration_order() {
     let client = ConnectionManager::new(&client_transport);
 
     let mut wait = WaitObject::new();
-    for i in 0..REQUESTS {
-        client
-            .send_wait(
-                server.addr,
-                Packet::new(1, format!("all-{i}")),
-                Some(NEVER),
-                &mut wait,
-            )
-            .expect("send_wait");
-    }
-    server.wait_received(REQUESTS);
-    for (request, responder) in server.take().into_iter().rev() {
-        responder
-            .reply(request.reply(request.body().clone()))
-            .expect("reply");
-    }
+    gather_reversed(&client, &server, &mut wait, "all", REQUESTS);
     let results = within("wait_all", move || wait.wait_all());
     let bodies: Vec<_> = (results.into_iter())
         .map(|r| r.expect("a response").into_body())

@@ -9,13 +9,6 @@ use tbnet::{ConnectionManager, Dispatch, Error, Packet, Transport};
 
 use crate::support::*;
 
-/// Resident memory of this process, in bytes (Linux; `None` elsewhere).
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
 /// A well-behaved client still gets its answers from `server`.
 fn assert_still_serving(server: &Server) {
     let client = transport();

@@ -10,11 +10,6 @@ use tbnet::{ConnectionManager, Dispatch, Error, Packet, Responder, Transport};
 
 use crate::support::*;
 
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    Some(statm.split_whitespace().nth(1)?.parse::<u64>().ok()? * 4096)
-}
-
 #[test]
 fn inline_timeout_callbacks_ran_on_the_timer_thread_and_could_stop_every_timeout() {
     let silent = SilentServer::start();

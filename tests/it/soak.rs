@@ -16,21 +16,10 @@ use tbnet::{Backoff, ConnectionManager, Error, Packet, Responder, Transport, Wai
 
 use crate::support::*;
 
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
-
 /// A refused submission (server down, queue full) waits a moment before the
 /// next, as a real client would.
 fn pause() {
     thread::sleep(Duration::from_millis(1));
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
 }
 
 /// xorshift64: cheap, deterministic per thread.
@@ -265,7 +254,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
     // The starting range of memory is taken once the allocator has warmed
     // up (its per-thread arenas are set up in the first moments).
     thread::sleep(Duration::from_secs(secs.min(10) / 5));
-    let rss_start = resident_bytes();
+    let rss_start = resident_bytes().unwrap_or(0);
     // The clients run until the deadline; only then does a hang guard apply.
     thread::sleep(deadline.saturating_duration_since(Instant::now()));
     let refused: u64 = clients
@@ -289,7 +278,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
         .count();
     stop(&client);
     stop(&server.lock().unwrap());
-    let rss_end = resident_bytes();
+    let rss_end = resident_bytes().unwrap_or(0);
     let fds_end = open_fds();
     let ok = ledger.ok.load(Ordering::SeqCst);
     let failed = ledger.failed.load(Ordering::SeqCst);

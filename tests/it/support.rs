@@ -360,3 +360,45 @@ pub fn one_request_each_way(
     };
     (recorder, future, blocking)
 }
+
+/// Resident memory of this process in bytes (Linux; `None` elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Open file descriptors of this process (Linux; 0 elsewhere).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
+}
+
+/// Registers `n` requests with bodies `"{prefix}-{i}"` on `wait`, waits until
+/// `server` holds them all, and answers them in reverse order of arrival.
+pub fn gather_reversed(
+    client: &tbnet::ConnectionManager,
+    server: &SilentServer,
+    wait: &mut tbnet::WaitObject,
+    prefix: &str,
+    n: usize,
+) {
+    for i in 0..n {
+        let index = client
+            .send_wait(
+                server.addr,
+                Packet::new(1, format!("{prefix}-{i}")),
+                Some(NEVER),
+                wait,
+            )
+            .expect("send_wait");
+        assert_eq!(index, i);
+    }
+    server.wait_received(n);
+    let mut held = server.take();
+    held.sort_by_key(|(request, _)| request.body().clone());
+    for (request, responder) in held.into_iter().rev() {
+        responder
+            .reply(request.reply(request.body().clone()))
+            .expect("reply");
+    }
+}
