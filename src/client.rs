@@ -49,6 +49,9 @@ pub struct Backoff {
     pub initial: Duration,
     /// Longest delay (default 10 s).
     pub max: Duration,
+    /// How long a connection must stay open to count as healthy when no
+    /// response arrived on it (default 1 s).
+    pub grace: Duration,
 }
 
 impl Default for Backoff {
@@ -56,6 +59,7 @@ impl Default for Backoff {
         Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(10),
+            grace: Duration::from_secs(1),
         }
     }
 }
@@ -98,6 +102,22 @@ fn jitter_seed() -> u64 {
     hasher.finish()
 }
 
+/// One server's connection counters
+/// ([`ConnectionManager::server_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Connections opened (or tried) to this server by this manager.
+    pub connect_attempts: u64,
+    /// Of those, connections that ended before they proved healthy: they
+    /// failed to connect, or closed before their first response arrived and
+    /// within [`Backoff::grace`].
+    pub early_failures: u64,
+    /// Early failures since the last healthy connection: what the current
+    /// backoff delay is computed from.
+    pub failures_in_a_row: u32,
+}
+
 /// One server's connection and its reconnect bookkeeping.
 struct ServerSlot {
     conn: Arc<Conn>,
@@ -107,6 +127,7 @@ struct ServerSlot {
     retry_at: Option<Instant>,
     /// The closed `conn` was already counted in `failures`.
     accounted: bool,
+    stats: ServerStats,
 }
 
 /// tbnet's `u64` server id: `port << 32 | ipv4`, the address's four octets
@@ -472,6 +493,12 @@ impl ConnectionManager {
             .map(MessageFuture::new)
     }
 
+    /// Connection counters for `server`, or `None` if this manager never
+    /// connected to it.
+    pub fn server_stats(&self, server: impl Into<SocketAddr>) -> Option<ServerStats> {
+        self.conns.lock().get(&server.into()).map(|slot| slot.stats)
+    }
+
     /// Connections currently held (open or connecting).
     pub fn connections(&self) -> usize {
         self.conns
@@ -560,6 +587,8 @@ impl ConnectionManager {
             self.queue_limit,
         ));
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);
+        let mut stats = conns.get(&server).map_or_else(ServerStats::default, |slot| slot.stats);
+        stats.connect_attempts += 1;
         conns.insert(
             server,
             ServerSlot {
@@ -567,6 +596,7 @@ impl ConnectionManager {
                 failures,
                 retry_at: None,
                 accounted: false,
+                stats,
             },
         );
         drop(conns);

@@ -20,20 +20,13 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::completion::ResponseFuture;
 use crate::error::Error;
 use crate::packet::{Packet, PacketCode};
 
-/// The packet code reserved for error replies: `i32::MIN`.
-pub const ERROR_PCODE: PacketCode = PacketCode(i32::MIN);
-
-/// Error-reply code: the server has no route for the request's packet code.
-pub const ERROR_UNKNOWN_PCODE: i32 = -1;
-
-/// Error-reply code: the request's body did not decode as its message type.
-pub const ERROR_BAD_REQUEST: i32 = -2;
+pub use crate::proto::reply::{ERROR_BAD_REQUEST, ERROR_PCODE, ERROR_UNKNOWN_PCODE};
 
 /// Why a body could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +56,7 @@ impl std::error::Error for DecodeError {}
 ///
 /// # Examples
 /// ```
-/// use bytes::{Buf, BufMut, Bytes, BytesMut};
+/// use bytes::{Bytes, BytesMut};
 /// use tbnet::{DecodeError, Message, PacketCode};
 ///
 /// #[derive(Debug, PartialEq)]
@@ -128,30 +121,7 @@ pub trait Message: Sized + Send + 'static {
     }
 }
 
-/// The body of an error reply: `code` then `message`.
-pub(crate) fn encode_error(code: i32, message: &str) -> Bytes {
-    let mut body = BytesMut::with_capacity(4 + message.len());
-    body.put_i32(code);
-    body.put_slice(message.as_bytes());
-    body.freeze()
-}
-
-/// Turns an error reply into [`Error::Remote`]; other packets pass through.
-pub(crate) fn classify(response: Packet) -> Result<Packet, Error> {
-    if response.pcode() != ERROR_PCODE {
-        return Ok(response);
-    }
-    let mut body = response.into_body();
-    if body.len() < 4 {
-        return Err(Error::BadMessage {
-            pcode: ERROR_PCODE.get(),
-            reason: "error reply shorter than its code".into(),
-        });
-    }
-    let code = body.get_i32();
-    let message = String::from_utf8_lossy(&body).into();
-    Err(Error::Remote { code, message })
-}
+pub(crate) use crate::proto::reply::encode_error;
 
 /// A [`ResponseFuture`] whose response is decoded as `M`.
 #[must_use = "a MessageFuture does nothing unless polled, and dropping it cancels the request"]

@@ -321,7 +321,7 @@ impl Conn {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
                 let id = response.channel_id();
-                match state.pool.finish(id, crate::message::classify(response)) {
+                match state.pool.finish(id, crate::proto::reply::classify(response)) {
                     Some(ready) => out.push(ready),
                     None => late += 1,
                 }

@@ -35,6 +35,9 @@ const CONNECTIONS: usize = 3;
 const CONNECTIONS_TOTAL: usize = 4;
 const LATE_RESPONSES: usize = 5;
 const BAD_FRAMES: usize = 6;
+const HALF_CLOSES: usize = 7;
+const CONNECT_ATTEMPTS: usize = 8;
+const EARLY_FAILURES: usize = 9;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -45,7 +48,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<7>,
+    io: Line<10>,
     callers: Line<5>,
 }
 
@@ -73,6 +76,15 @@ impl Stats {
     }
     pub(crate) fn bad_frame(&self) {
         self.io.add(BAD_FRAMES, 1);
+    }
+    pub(crate) fn half_close(&self) {
+        self.io.add(HALF_CLOSES, 1);
+    }
+    pub(crate) fn connect_attempt(&self) {
+        self.io.add(CONNECT_ATTEMPTS, 1);
+    }
+    pub(crate) fn early_failure(&self) {
+        self.io.add(EARLY_FAILURES, 1);
     }
     pub(crate) fn packets_out(&self, n: usize) {
         if n > 0 {
@@ -112,6 +124,9 @@ impl Stats {
             bad_frames: self.io.get(BAD_FRAMES),
             worker_queue: 0,
             unrouted: self.callers.get(UNROUTED),
+            half_closes: self.io.get(HALF_CLOSES),
+            connect_attempts: self.io.get(CONNECT_ATTEMPTS),
+            early_failures: self.io.get(EARLY_FAILURES),
         }
     }
 }
@@ -148,4 +163,15 @@ pub struct StatsSnapshot {
     pub worker_queue: u64,
     /// Requests a [`Router`](crate::Router) had no route for and dropped.
     pub unrouted: u64,
+    /// Server connections whose peer ended its sending side (end of stream)
+    /// while open: the server then drains them, answering what it read
+    /// before closing.
+    pub half_closes: u64,
+    /// Client connections this transport tried to open (first connects and
+    /// reconnects).
+    pub connect_attempts: u64,
+    /// Client connections that ended before they proved healthy (failed to
+    /// connect, or closed before their first response and within the
+    /// health grace): each made the next reconnect wait longer.
+    pub early_failures: u64,
 }

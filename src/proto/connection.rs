@@ -1,0 +1,567 @@
+//! One connection's state machine, sans-IO.
+//!
+//! A [`Connection`] owns what the IO thread keeps per socket: the frame
+//! decoder, the write queue, where the connection is in its life
+//! ([`Phase`]), why it is not reading ([`Hold`]) and its deadlines
+//! (connect, idle). It never touches a socket or reads the clock: the
+//! driver hands it bytes read, bytes written, end of stream and the time,
+//! and asks what is due ([`next_deadline`](Connection::next_deadline)) and
+//! whether to close ([`poll_close`](Connection::poll_close)). Every
+//! transition is in this file.
+//!
+//! ```text
+//!  client:  Connecting ──connected──► Open
+//!  server:  Sniffing ──frames──► Open            Sniffing ──respond──► Closing
+//!  Open ──end of stream (server)──► Draining ──all answered, written──► closed
+//!  Closing ──written──► closed
+//!  any ──timeout, error, end of stream (client)──► closed
+//! ```
+
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::packet::Packet;
+
+use super::{FrameDecoder, FrameError, PacketStreamer, WriteQueue};
+
+/// Which end of the connection this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// We connected: we send requests and read responses.
+    Client,
+    /// We accepted: we read requests and send replies.
+    Server,
+}
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A client's TCP connect is in progress.
+    Connecting,
+    /// A server connection whose first bytes decide between tbnet frames
+    /// and another protocol (the status page).
+    Sniffing,
+    /// Frames flow both ways.
+    Open,
+    /// The peer ended its sending side (a server connection): nothing more
+    /// is read; it closes once every request read was answered and every
+    /// reply written.
+    Draining,
+    /// A last response is queued (the sniffer answered): it closes once
+    /// that is written.
+    Closing,
+}
+
+/// Why a connection is not reading now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The connect has not completed.
+    Connecting,
+    /// The worker queue is full; reading resumes when a worker frees room.
+    WorkersFull,
+    /// A server's unwritten replies reached the output limit: the peer is
+    /// not reading them. Reading resumes once some are written.
+    PeerNotReading,
+    /// The peer ended its sending side ([`Phase::Draining`]).
+    PeerClosed,
+    /// Closing after a last response ([`Phase::Closing`]).
+    Closing,
+}
+
+/// Why the state machine decided the connection should close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The connect did not complete in time.
+    ConnectTimedOut,
+    /// The peer sent nothing for the idle timeout.
+    Idle,
+    /// A client's peer closed the connection.
+    PeerClosed,
+    /// A draining server connection answered everything it read.
+    Drained,
+    /// The last response after sniffing is written.
+    Answered,
+}
+
+/// Limits a connection lives by.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Unwritten bytes past which a server stops reading.
+    pub max_outbound: usize,
+    /// Server connections: close after this much silence from the peer.
+    pub idle_timeout: Option<Duration>,
+    /// Client connections: how long the connect may take.
+    pub connect_timeout: Duration,
+    /// Bytes offered to one read at most.
+    pub read_chunk: usize,
+}
+
+/// One connection's state: decoder, write queue, phase, holds and deadlines.
+#[derive(Debug)]
+pub struct Connection {
+    side: Side,
+    phase: Phase,
+    limits: Limits,
+    decoder: FrameDecoder,
+    out: WriteQueue,
+    /// A request the full worker queue could not take yet.
+    workers_full: bool,
+    /// When the peer last sent bytes (or the connection opened).
+    last_input: Instant,
+    connect_deadline: Option<Instant>,
+    /// The deadline registered with the timer, if any.
+    armed: Option<Instant>,
+    /// Requests handed to a handler, and how many of those were answered
+    /// (replied to, or dropped unanswered).
+    dispatched: u64,
+    answered: u64,
+}
+
+impl Connection {
+    /// A client connection whose connect started at `now`.
+    pub fn client(now: Instant, limits: Limits) -> Self {
+        let mut c = Self::new(Side::Client, Phase::Connecting, now, limits);
+        c.connect_deadline = Some(now + limits.connect_timeout);
+        c
+    }
+
+    /// A server connection accepted at `now`; with `sniff` its first bytes
+    /// go to a sniffer before any frame is decoded.
+    pub fn server(now: Instant, limits: Limits, sniff: bool) -> Self {
+        let phase = if sniff { Phase::Sniffing } else { Phase::Open };
+        Self::new(Side::Server, phase, now, limits)
+    }
+
+    fn new(side: Side, phase: Phase, now: Instant, limits: Limits) -> Self {
+        Connection {
+            side,
+            phase,
+            limits,
+            decoder: FrameDecoder::with_read_chunk(limits.read_chunk),
+            out: WriteQueue::new(),
+            workers_full: false,
+            last_input: now,
+            connect_deadline: None,
+            armed: None,
+            dispatched: 0,
+            answered: 0,
+        }
+    }
+
+    /// Which end this is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Where the connection is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Why the connection is not reading, or `None` if it may read.
+    pub fn hold(&self) -> Option<Hold> {
+        match self.phase {
+            Phase::Connecting => Some(Hold::Connecting),
+            Phase::Closing => Some(Hold::Closing),
+            Phase::Draining => Some(Hold::PeerClosed),
+            Phase::Sniffing | Phase::Open if self.workers_full => Some(Hold::WorkersFull),
+            Phase::Sniffing | Phase::Open if self.output_full() => Some(Hold::PeerNotReading),
+            Phase::Sniffing | Phase::Open => None,
+        }
+    }
+
+    /// Whether buffered frames may be decoded now: reading may have stopped
+    /// (a draining connection still answers what it read), but neither the
+    /// workers nor the peer are behind.
+    pub fn may_decode(&self) -> bool {
+        match self.phase {
+            Phase::Open | Phase::Draining => !self.workers_full && !self.output_full(),
+            Phase::Connecting | Phase::Sniffing | Phase::Closing => false,
+        }
+    }
+
+    /// Only servers stop for unwritten output: a client reading responses
+    /// frees memory, and pausing both ends of one connection would deadlock
+    /// them (clients are bounded by refusing new requests instead).
+    fn output_full(&self) -> bool {
+        self.side == Side::Server && self.out.len() >= self.limits.max_outbound
+    }
+
+    // ----- input -----
+
+    /// The connect completed at `now`.
+    pub fn connected(&mut self, now: Instant) {
+        if self.phase == Phase::Connecting {
+            self.phase = Phase::Open;
+            self.connect_deadline = None;
+            self.last_input = now;
+        }
+    }
+
+    /// Reads once from `src` (the connection's byte stream). `Ok(0)` is end
+    /// of stream: pass it to [`handle_eof`](Self::handle_eof).
+    ///
+    /// # Errors
+    /// Whatever the stream's `read` returns, including `WouldBlock`.
+    pub fn read_from<R: Read + ?Sized>(&mut self, src: &mut R, now: Instant) -> io::Result<usize> {
+        let n = self.decoder.read_from(src)?;
+        if n > 0 {
+            self.last_input = now;
+        }
+        Ok(n)
+    }
+
+    /// Input that arrived by other means (tests, other framings).
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        self.decoder.extend_from_slice(bytes);
+        self.last_input = now;
+    }
+
+    /// Nothing more to read for now: lets an idle read buffer go.
+    pub fn read_blocked(&mut self) {
+        self.decoder.release_if_idle();
+    }
+
+    /// The peer ended its sending side. A server connection drains (what
+    /// it read is still answered); a client's closes.
+    pub fn handle_eof(&mut self) -> Option<CloseReason> {
+        match (self.side, self.phase) {
+            (Side::Client, _) => Some(CloseReason::PeerClosed),
+            (Side::Server, Phase::Open | Phase::Sniffing | Phase::Connecting) => {
+                self.phase = Phase::Draining;
+                self.poll_close()
+            }
+            (Side::Server, Phase::Draining | Phase::Closing) => self.poll_close(),
+        }
+    }
+
+    /// Bytes received and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+
+    /// Sniffing: the first bytes received so far.
+    pub fn first_bytes(&self) -> Option<&[u8]> {
+        (self.phase == Phase::Sniffing).then(|| self.decoder.buffered_bytes())
+    }
+
+    /// Sniffing: the first bytes are tbnet frames.
+    pub fn frames_confirmed(&mut self) {
+        if self.phase == Phase::Sniffing {
+            self.phase = Phase::Open;
+        }
+    }
+
+    /// Sniffing: answers with `response` and closes once it is written.
+    pub fn respond_and_close(&mut self, response: Bytes) {
+        self.out.push_raw(response);
+        self.phase = Phase::Closing;
+    }
+
+    /// The next whole frame, if decoding may go on and one is buffered.
+    ///
+    /// # Errors
+    /// A bad frame: the stream has no frame boundary left, close it.
+    pub fn next_frame<S: PacketStreamer + ?Sized>(
+        &mut self,
+        streamer: &S,
+    ) -> Result<Option<Packet>, FrameError> {
+        if !self.may_decode() {
+            return Ok(None);
+        }
+        self.decoder.next_packet(streamer)
+    }
+
+    // ----- requests handed to handlers (server) -----
+
+    /// `n` requests went to handlers.
+    pub fn dispatched(&mut self, n: usize) {
+        self.dispatched += n as u64;
+    }
+
+    /// The total number of requests answered so far (a count kept where
+    /// replies are made).
+    pub fn set_answered(&mut self, total: u64) {
+        self.answered = total;
+    }
+
+    /// Requests handed to handlers and not answered yet.
+    pub fn unanswered(&self) -> u64 {
+        self.dispatched.saturating_sub(self.answered)
+    }
+
+    /// A request could not be queued for the workers: reading stops.
+    pub fn workers_full(&mut self) {
+        self.workers_full = true;
+    }
+
+    /// The worker queue took the held request: reading may resume.
+    pub fn workers_free(&mut self) {
+        self.workers_full = false;
+    }
+
+    // ----- output -----
+
+    /// The write queue: frames to send.
+    pub fn out(&mut self) -> &mut WriteQueue {
+        &mut self.out
+    }
+
+    /// Bytes waiting to be written.
+    pub fn unwritten(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether the write queue may take more from senders (below the limit).
+    pub fn wants_output(&self) -> bool {
+        self.out.len() < self.limits.max_outbound
+    }
+
+    /// `n` bytes of the write queue were written.
+    pub fn wrote(&mut self, n: usize) {
+        self.out.advance(n);
+    }
+
+    /// Whether the connection is done and should close now.
+    pub fn poll_close(&self) -> Option<CloseReason> {
+        match self.phase {
+            Phase::Closing if self.out.is_empty() => Some(CloseReason::Answered),
+            Phase::Draining
+                if self.out.is_empty() && self.unanswered() == 0 && !self.workers_full =>
+            {
+                Some(CloseReason::Drained)
+            }
+            _ => None,
+        }
+    }
+
+    // ----- time -----
+
+    /// The earliest time something is due on this connection.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.phase, self.side) {
+            (Phase::Connecting, _) => self.connect_deadline,
+            (_, Side::Server) => self.limits.idle_timeout.map(|idle| self.last_input + idle),
+            (_, Side::Client) => None,
+        }
+    }
+
+    /// What is due at `now`: the reason to close, if any.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<CloseReason> {
+        self.armed = None;
+        match self.phase {
+            Phase::Connecting => (self.connect_deadline.is_some_and(|at| at <= now))
+                .then_some(CloseReason::ConnectTimedOut),
+            _ => (self.next_deadline().is_some_and(|at| at <= now)).then_some(CloseReason::Idle),
+        }
+    }
+
+    /// The deadline to register with the timer, if it must be registered:
+    /// one earlier than the registered one. A later one waits for the
+    /// registered deadline to fire and is registered then (input moves the
+    /// idle deadline on every read, and the timer need not hear of it).
+    #[must_use]
+    pub fn deadline_to_arm(&mut self) -> Option<Instant> {
+        let next = self.next_deadline()?;
+        if self.armed.is_some_and(|armed| armed <= next) {
+            return None;
+        }
+        self.armed = Some(next);
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::DefaultStreamer;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn limits() -> Limits {
+        Limits {
+            max_outbound: 1024,
+            idle_timeout: Some(100 * MS),
+            connect_timeout: 50 * MS,
+            read_chunk: 4096,
+        }
+    }
+
+    fn frame(chid: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = WriteQueue::new();
+        let mut p = Packet::new(1, Bytes::copy_from_slice(body));
+        p.set_channel_id(crate::ChannelId(chid));
+        out.push(&DefaultStreamer::new(), &p);
+        let mut bytes = Vec::new();
+        let mut slices = [io::IoSlice::new(&[]); 8];
+        let n = out.io_slices(&mut slices);
+        for s in &slices[..n] {
+            bytes.extend_from_slice(s);
+        }
+        bytes
+    }
+
+    #[test]
+    fn client_connects_then_opens_and_has_no_idle_deadline() {
+        let t0 = Instant::now();
+        let mut c = Connection::client(t0, limits());
+        assert_eq!(c.phase(), Phase::Connecting);
+        assert_eq!(c.hold(), Some(Hold::Connecting));
+        assert_eq!(c.next_deadline(), Some(t0 + 50 * MS));
+        c.connected(t0 + MS);
+        assert_eq!(c.phase(), Phase::Open);
+        assert_eq!(c.hold(), None);
+        assert_eq!(c.next_deadline(), None);
+        assert_eq!(c.handle_timeout(t0 + 10_000 * MS), None);
+    }
+
+    #[test]
+    fn connect_timeout_fires_only_while_connecting() {
+        let t0 = Instant::now();
+        let mut c = Connection::client(t0, limits());
+        assert_eq!(c.handle_timeout(t0 + 49 * MS), None);
+        assert_eq!(
+            c.handle_timeout(t0 + 50 * MS),
+            Some(CloseReason::ConnectTimedOut)
+        );
+    }
+
+    #[test]
+    fn idle_deadline_moves_with_input() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        assert_eq!(c.next_deadline(), Some(t0 + 100 * MS));
+        c.handle_input(b"x", t0 + 60 * MS);
+        assert_eq!(c.handle_timeout(t0 + 100 * MS), None);
+        assert_eq!(c.next_deadline(), Some(t0 + 160 * MS));
+        assert_eq!(c.handle_timeout(t0 + 160 * MS), Some(CloseReason::Idle));
+    }
+
+    #[test]
+    fn deadlines_are_armed_only_when_earlier_than_the_armed_one() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        assert_eq!(c.deadline_to_arm(), Some(t0 + 100 * MS));
+        c.handle_input(b"x", t0 + 10 * MS);
+        assert_eq!(c.deadline_to_arm(), None, "a later deadline waits");
+        assert_eq!(c.handle_timeout(t0 + 100 * MS), None);
+        assert_eq!(c.deadline_to_arm(), Some(t0 + 110 * MS), "re-armed after firing");
+    }
+
+    #[test]
+    fn a_deadline_fires_while_output_is_blocked() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        c.out().push_raw(Bytes::from(vec![0; 2048]));
+        assert_eq!(c.hold(), Some(Hold::PeerNotReading));
+        assert!(!c.may_decode());
+        assert_eq!(c.handle_timeout(t0 + 100 * MS), Some(CloseReason::Idle));
+    }
+
+    #[test]
+    fn output_over_the_limit_holds_reading_until_written() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        c.out().push_raw(Bytes::from(vec![0; 1500]));
+        assert_eq!(c.hold(), Some(Hold::PeerNotReading));
+        c.wrote(1000);
+        assert_eq!(c.hold(), None);
+        // Clients never hold for output.
+        let mut client = Connection::client(t0, limits());
+        client.connected(t0);
+        client.out().push_raw(Bytes::from(vec![0; 1500]));
+        assert_eq!(client.hold(), None);
+    }
+
+    #[test]
+    fn workers_full_holds_reading_and_decoding() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let mut c = Connection::server(t0, limits(), false);
+        c.handle_input(&frame(1, b"a"), t0);
+        c.workers_full();
+        assert_eq!(c.hold(), Some(Hold::WorkersFull));
+        assert!(c.next_frame(&s).unwrap().is_none());
+        c.workers_free();
+        assert!(c.next_frame(&s).unwrap().is_some());
+    }
+
+    #[test]
+    fn end_of_stream_drains_a_server_until_every_request_is_answered_and_written() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let mut c = Connection::server(t0, limits(), false);
+        let mut input = frame(1, b"a");
+        input.extend(frame(2, b"b"));
+        c.handle_input(&input, t0);
+        assert!(c.next_frame(&s).unwrap().is_some());
+        c.dispatched(1);
+        assert_eq!(c.handle_eof(), None, "one request is still buffered");
+        assert_eq!(c.phase(), Phase::Draining);
+        assert_eq!(c.hold(), Some(Hold::PeerClosed));
+        // What was read before the end of stream is still decoded.
+        assert!(c.next_frame(&s).unwrap().is_some());
+        c.dispatched(1);
+        c.set_answered(1);
+        assert_eq!(c.poll_close(), None);
+        c.set_answered(2);
+        c.out().push_raw(Bytes::from_static(b"reply"));
+        assert_eq!(c.poll_close(), None, "the replies are not written yet");
+        c.wrote(5);
+        assert_eq!(c.poll_close(), Some(CloseReason::Drained));
+    }
+
+    #[test]
+    fn a_draining_connection_with_a_held_request_waits_for_the_workers() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        c.workers_full();
+        assert_eq!(c.handle_eof(), None);
+        c.workers_free();
+        c.dispatched(1);
+        assert_eq!(c.poll_close(), None);
+        c.set_answered(1);
+        assert_eq!(c.poll_close(), Some(CloseReason::Drained));
+    }
+
+    #[test]
+    fn a_draining_peer_that_never_reads_is_closed_by_the_idle_deadline() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), false);
+        c.out().push_raw(Bytes::from(vec![0; 4096]));
+        assert_eq!(c.handle_eof(), None);
+        assert_eq!(c.handle_timeout(t0 + 100 * MS), Some(CloseReason::Idle));
+    }
+
+    #[test]
+    fn client_end_of_stream_closes() {
+        let t0 = Instant::now();
+        let mut c = Connection::client(t0, limits());
+        c.connected(t0);
+        assert_eq!(c.handle_eof(), Some(CloseReason::PeerClosed));
+    }
+
+    #[test]
+    fn sniffing_then_frames_or_a_last_response() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), true);
+        assert_eq!(c.phase(), Phase::Sniffing);
+        assert!(!c.may_decode());
+        c.handle_input(b"GE", t0);
+        assert_eq!(c.first_bytes(), Some(&b"GE"[..]));
+        c.respond_and_close(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"));
+        assert_eq!(c.phase(), Phase::Closing);
+        assert_eq!(c.hold(), Some(Hold::Closing));
+        assert_eq!(c.poll_close(), None);
+        let n = c.unwritten();
+        c.wrote(n);
+        assert_eq!(c.poll_close(), Some(CloseReason::Answered));
+
+        let mut c = Connection::server(t0, limits(), true);
+        c.frames_confirmed();
+        assert_eq!(c.phase(), Phase::Open);
+        assert_eq!(c.first_bytes(), None);
+    }
+}
