@@ -14,7 +14,8 @@ use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
 use crate::sync::Mutex;
-use crate::transport::{Command, Conn, Rejected, Side, Transport};
+use crate::proto::Side;
+use crate::transport::{Command, Conn, Rejected, Transport};
 
 /// Default limit of requests pending on one connection (tbnet's
 /// ConnectionManager default).
@@ -496,7 +497,10 @@ impl ConnectionManager {
     /// Connection counters for `server`, or `None` if this manager never
     /// connected to it.
     pub fn server_stats(&self, server: impl Into<SocketAddr>) -> Option<ServerStats> {
-        self.conns.lock().get(&server.into()).map(|slot| slot.stats)
+        let mut conns = self.conns.lock();
+        let slot = conns.get_mut(&server.into())?;
+        self.account(slot);
+        Some(slot.stats)
     }
 
     /// Connections currently held (open or connecting).
@@ -548,6 +552,31 @@ impl ConnectionManager {
         unreachable!("the second attempt always returns")
     }
 
+    /// Counts how `slot`'s closed connection ended, once, and sets when the
+    /// next may open: at once after a healthy connection, after a growing
+    /// delay after one that ended early.
+    fn account(&self, slot: &mut ServerSlot) {
+        if slot.accounted {
+            return;
+        }
+        let Some((early, closed_at)) = slot.conn.closed_early() else {
+            return;
+        };
+        slot.accounted = true;
+        if early {
+            slot.failures = slot.failures.saturating_add(1);
+            slot.stats.early_failures += 1;
+        } else {
+            slot.failures = 0;
+        }
+        slot.stats.failures_in_a_row = slot.failures;
+        let delay = self.backoff.delay(slot.failures, jitter_seed());
+        slot.retry_at = Some(closed_at + clamp_wait(delay));
+        if early {
+            tracing::debug!(peer = %slot.conn.peer(), failures = slot.failures, ?delay, "connection ended before it proved healthy; backing off");
+        }
+    }
+
     /// The open (or opening) connection to `server`, opening one if needed
     /// and the backoff allows.
     fn conn(&self, server: SocketAddr) -> Result<Arc<Conn>, Error> {
@@ -562,16 +591,7 @@ impl ConnectionManager {
             if !slot.conn.is_closed() {
                 return Ok(slot.conn.clone());
             }
-            if !slot.accounted {
-                slot.accounted = true;
-                slot.failures = if slot.conn.was_opened() {
-                    0
-                } else {
-                    slot.failures + 1
-                };
-                let delay = self.backoff.delay(slot.failures, jitter_seed());
-                slot.retry_at = Some(now + clamp_wait(delay));
-            }
+            self.account(slot);
             match slot.retry_at {
                 Some(at) if now < at => match self.while_down {
                     WhileDown::FailFast => return Err(Error::Disconnected),
@@ -585,6 +605,7 @@ impl ConnectionManager {
             server,
             Side::Client,
             self.queue_limit,
+            self.backoff.grace,
         ));
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);
         let mut stats = conns.get(&server).map_or_else(ServerStats::default, |slot| slot.stats);
@@ -607,10 +628,8 @@ impl ConnectionManager {
         match connect_at {
             None => shared.command(Command::Connect(conn.clone())),
             Some(at) => {
-                if !shared.timer.register_connect_at(at, conn.clone()) {
-                    let mut readies = Vec::new();
-                    conn.close(Error::Shutdown, &mut readies);
-                    readies.into_iter().for_each(|ready| shared.deliver(ready));
+                if !conn.connect_at(at) {
+                    drop(conn.close(Error::Shutdown));
                     return Err(Error::Shutdown);
                 }
             }

@@ -158,6 +158,7 @@ impl<M: Message> Future for MessageFuture<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::reply::classify;
 
     #[test]
     fn error_replies_round_trip() {

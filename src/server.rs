@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::SendError;
+use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
-use crate::transport::Conn;
+use crate::transport::{ReplyTo, RequestHandler, Service, Sniffer, Transport};
+
+pub use crate::transport::Dispatch;
 
 /// Handles the requests arriving on a listener (tbnet's `IServerAdaptor`).
 ///
@@ -56,17 +58,62 @@ where
     }
 }
 
-/// Where a listener's requests are handled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Dispatch {
-    /// On the IO thread, as soon as decoded: the fastest path, for handlers
-    /// that never block.
-    IoThread,
-    /// On the worker pool, through a bounded queue; when it is full the IO
-    /// thread stops reading until there is room (TCP pushes back on clients).
-    #[default]
-    Workers,
+/// A [`ServerAdaptor`] as the transport's request handler: each request
+/// runs in a `request` span (debug level) with a [`Responder`].
+struct Adapted<A>(A);
+
+impl<A: ServerAdaptor> RequestHandler for Adapted<A> {
+    fn handle_request(&self, request: Packet, reply: ReplyTo) {
+        let _span = tracing::debug_span!(
+            "request",
+            peer = %reply.conn().peer(),
+            channel_id = %request.channel_id(),
+            pcode = %request.pcode()
+        )
+        .entered();
+        self.0.handle_packet(request, Responder::new(reply));
+    }
+}
+
+impl Transport {
+    /// Accepts connections on `addr` (IPv4 or IPv6; port 0 picks one) and
+    /// hands their requests to `adaptor`, dispatched as the builder's
+    /// [`dispatch`](crate::TransportBuilder::dispatch) says. Returns the bound
+    /// address.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the address cannot be bound, [`Error::Shutdown`] if
+    /// the transport stopped.
+    pub fn listen<A: ServerAdaptor>(
+        &self,
+        addr: SocketAddr,
+        adaptor: A,
+    ) -> Result<SocketAddr, Error> {
+        self.listen_with(addr, adaptor, self.config().dispatch)
+    }
+
+    /// Like [`listen`](Self::listen), choosing where this listener's requests
+    /// are handled.
+    ///
+    /// # Errors
+    /// As for [`listen`](Self::listen).
+    pub fn listen_with<A: ServerAdaptor>(
+        &self,
+        addr: SocketAddr,
+        adaptor: A,
+        dispatch: Dispatch,
+    ) -> Result<SocketAddr, Error> {
+        let sniffer: Option<Arc<dyn Sniffer>> = self
+            .config()
+            .status_page
+            .then(|| Arc::new(crate::status::StatusPage) as Arc<dyn Sniffer>);
+        let service = Service {
+            handler: Arc::new(Adapted(adaptor)),
+            dispatch,
+            sniffer,
+        };
+        self.shared().listen(addr, service)
+    }
 }
 
 /// The way back to the client for one request: reply once, now or later,
@@ -76,9 +123,10 @@ pub enum Dispatch {
 /// send it; this crate's [`post`](crate::ConnectionManager::post) does):
 /// its responder discards any reply.
 pub struct Responder {
-    conn: Arc<Conn>,
+    /// `None` once replied.
+    reply: Option<ReplyTo>,
+    peer: SocketAddr,
     channel_id: ChannelId,
-    replied: bool,
     /// When the request arrived; read only when debug tracing is on.
     received: Option<Instant>,
 }
@@ -86,26 +134,26 @@ pub struct Responder {
 impl fmt::Debug for Responder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Responder")
-            .field("peer", &self.conn.peer())
+            .field("peer", &self.peer)
             .field("channel_id", &self.channel_id)
             .finish()
     }
 }
 
 impl Responder {
-    pub(crate) fn new(conn: Arc<Conn>, channel_id: ChannelId) -> Self {
+    pub(crate) fn new(reply: ReplyTo) -> Self {
         let received = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         Responder {
-            conn,
-            channel_id,
-            replied: false,
+            peer: reply.conn().peer(),
+            channel_id: reply.channel_id(),
+            reply: Some(reply),
             received,
         }
     }
 
     /// The client's address.
     pub fn peer(&self) -> SocketAddr {
-        self.conn.peer()
+        self.peer
     }
 
     /// The request's channel id, which the reply carries back.
@@ -127,24 +175,25 @@ impl Responder {
     /// handed back if the connection closed meanwhile; the reply is counted
     /// in [`StatsSnapshot::replies_dropped`](crate::StatsSnapshot::replies_dropped).
     pub fn reply(mut self, mut response: Packet) -> Result<(), SendError<Packet>> {
-        self.replied = true;
+        let Some(reply) = self.reply.take() else {
+            return Ok(());
+        };
         if self.channel_id.is_none() {
-            tracing::debug!(peer = %self.conn.peer(), "reply to a one-way request discarded");
+            tracing::debug!(peer = %self.peer, "reply to a one-way request discarded");
             return Ok(());
         }
         response.set_channel_id(self.channel_id);
         if let Some(received) = self.received {
             tracing::debug!(
-                peer = %self.conn.peer(),
+                peer = %self.peer,
                 channel_id = %self.channel_id,
                 pcode = %response.pcode(),
                 handled_us = received.elapsed().as_micros() as u64,
                 "reply sent"
             );
         }
-        self.conn.send_reply(response).inspect_err(|_| {
-            self.conn.shared.stats.reply_dropped();
-        })
+        let conn = reply.conn().clone();
+        reply.send(response).inspect_err(|_| conn.reply_dropped())
     }
 }
 
@@ -172,21 +221,23 @@ impl Responder {
 
     /// Drops the request unanswered, on purpose (no debug log).
     pub(crate) fn ignore(mut self) {
-        self.replied = true;
+        self.reply.take();
     }
 
     /// Counts a request no route wanted (a [`Router`](crate::Router) told
     /// to drop unknown codes).
     pub(crate) fn count_unrouted(&self) {
-        self.conn.shared.stats.unrouted();
+        if let Some(reply) = &self.reply {
+            reply.conn().count_unrouted();
+        }
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if !self.replied && !self.channel_id.is_none() {
+        if self.reply.is_some() && !self.channel_id.is_none() {
             tracing::debug!(
-                peer = %self.conn.peer(),
+                peer = %self.peer,
                 channel_id = %self.channel_id,
                 "request dropped without a reply"
             );

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::transport::StatsSnapshot;
+use crate::transport::{SniffContext, Sniffed, Sniffer, StatsSnapshot, TransportBuilder};
 
 /// Longest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -84,6 +84,55 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<Request>, &'static str> {
     Ok(Some(Request { head_only, path }))
 }
 
+impl TransportBuilder {
+    /// Answers plain HTTP `GET /status` (JSON) and `GET /metrics`
+    /// (Prometheus text) on every listener's port, beside tbnet frames
+    /// (default off). A connection whose first bytes are `GET ` or `HEAD `
+    /// gets one HTTP response and is closed; other paths get 404, malformed
+    /// requests are closed unanswered. tbnet's own servers answered such
+    /// status requests through their HTTP streamer.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use tbnet::{Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().status_page(true).start()?;
+    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |_: Packet, _: Responder| {})?;
+    /// let mut http = std::net::TcpStream::connect(addr)?;
+    /// http.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    /// let mut response = String::new();
+    /// http.read_to_string(&mut response)?;
+    /// assert!(response.starts_with("HTTP/1.1 200 OK"));
+    /// assert!(response.contains("\"connections\":"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn status_page(mut self, enabled: bool) -> Self {
+        self.config_mut().status_page = enabled;
+        self
+    }
+}
+
+/// The status page as a listener's first-bytes sniffer.
+pub(crate) struct StatusPage;
+
+impl Sniffer for StatusPage {
+    fn sniff(&self, first_bytes: &[u8], context: &SniffContext<'_>) -> Sniffed {
+        match sniff(first_bytes) {
+            Sniff::Unsure => Sniffed::NeedMore,
+            Sniff::Frames => Sniffed::Frames,
+            Sniff::Http => match parse(first_bytes) {
+                Ok(None) => Sniffed::NeedMore,
+                Ok(Some(request)) => {
+                    tracing::debug!(path = %request.path, "status page request");
+                    Sniffed::Respond(respond(&request, &(context.stats)(), context.uptime))
+                }
+                Err(reason) => Sniffed::Reject(reason),
+            },
+        }
+    }
+}
+
 /// The whole response to `request`.
 pub(crate) fn respond(request: &Request, stats: &StatsSnapshot, uptime: Duration) -> Bytes {
     let (status, content_type, body) = match request.path.as_str() {
@@ -109,7 +158,7 @@ pub(crate) fn respond(request: &Request, stats: &StatsSnapshot, uptime: Duration
 fn counters(
     stats: &StatsSnapshot,
     uptime: Duration,
-) -> [(&'static str, &'static str, &'static str, f64); 14] {
+) -> [(&'static str, &'static str, &'static str, f64); 17] {
     [
         (
             "connections",
@@ -184,6 +233,24 @@ fn counters(
             stats.unrouted as f64,
         ),
         (
+            "half_closes_total",
+            "counter",
+            "Server connections whose peer ended its sending side",
+            stats.half_closes as f64,
+        ),
+        (
+            "connect_attempts_total",
+            "counter",
+            "Client connections tried",
+            stats.connect_attempts as f64,
+        ),
+        (
+            "early_failures_total",
+            "counter",
+            "Client connections that ended before they proved healthy",
+            stats.early_failures as f64,
+        ),
+        (
             "worker_queue",
             "gauge",
             "Requests waiting for a worker",
@@ -200,8 +267,15 @@ fn counters(
 
 fn status_json(stats: &StatsSnapshot, uptime: Duration) -> String {
     let mut out = String::from("{");
-    for (i, (name, _, _, value)) in counters(stats, uptime).iter().enumerate() {
-        let key = name.strip_suffix("_total").unwrap_or(name);
+    let counters = counters(stats, uptime);
+    for (i, (name, _, _, value)) in counters.iter().enumerate() {
+        // Keys are the Prometheus names without `_total`, unless that names
+        // another counter (`connections` is open now, `connections_total`
+        // ever opened).
+        let key = match name.strip_suffix("_total") {
+            Some(short) if !counters.iter().any(|(other, ..)| other == &short) => short,
+            _ => name,
+        };
         if i > 0 {
             out.push(',');
         }
@@ -289,6 +363,8 @@ mod tests {
         let status = get("/status");
         assert!(status.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(status.contains("\"connections\":3,"));
+        assert_eq!(status.matches("\"connections\":").count(), 1, "{status}");
+        assert!(status.contains("\"connections_total\":"), "{status}");
         assert!(status.contains("\"packets_in\":10,"));
         assert!(status.contains("\"uptime_seconds\":2.000}"));
         let metrics = get("/metrics");

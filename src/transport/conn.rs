@@ -8,24 +8,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::completion::{Cancel, Completion};
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
-use crate::proto::{ChannelPool, Ready, WriteQueue};
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::proto::{ChannelPool, Ready, Side, WriteQueue};
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
 
+use super::outcomes::Outcomes;
+use super::timer::{Kind, TimerKey};
 use super::{Command, Shared};
 
 /// The IO thread has not registered the connection yet.
 pub(crate) const NO_TOKEN: usize = usize::MAX;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Side {
-    Client,
-    Server,
-}
 
 #[derive(Debug)]
 pub(crate) enum Status {
@@ -39,12 +35,24 @@ pub(crate) struct ConnState {
     pool: ChannelPool,
     out: WriteQueue,
     status: Status,
-    /// The connection reached `Open` at some point.
-    opened: bool,
-    /// Earliest deadline registered with the timer for this connection.
-    timer_at: Option<Instant>,
-    /// When the timer next checks this connection for idleness.
-    idle_at: Option<Instant>,
+    /// When the connection reached `Open`, if it did.
+    opened_at: Option<Instant>,
+    /// A response matched one of its requests (a client proved healthy).
+    responded: bool,
+    /// Closed before it proved healthy (clients; set when closed).
+    ended_early: bool,
+    /// When it closed.
+    closed_at: Option<Instant>,
+    /// The timer entry that expires this connection's requests.
+    requests_timer: Option<TimerKey>,
+    /// The timer entry of a delayed reconnect.
+    reconnect_timer: Option<TimerKey>,
+    /// Requests handed to handlers that were answered (replied to, or
+    /// dropped unanswered): a draining connection waits for all of them.
+    answered: u64,
+    /// The IO thread is decoding this connection's input: replies made
+    /// meanwhile need no flush request, it takes them when the batch ends.
+    in_batch: bool,
 }
 
 /// A submission the connection refused, with everything handed back.
@@ -55,16 +63,15 @@ pub(crate) struct Rejected {
 }
 
 pub(crate) struct Conn {
-    /// Unique within its transport.
-    id: u64,
     peer: SocketAddr,
     side: Side,
     pub(crate) shared: Arc<Shared>,
     state: Mutex<ConnState>,
     flush_scheduled: AtomicBool,
     token: AtomicUsize,
-    /// When the peer last sent bytes, in ms since `Shared::epoch`.
-    last_active_ms: AtomicU64,
+    /// Clients: how long an open connection must last to count as healthy
+    /// when no response arrived on it.
+    grace: Duration,
 }
 
 impl Conn {
@@ -73,36 +80,37 @@ impl Conn {
         peer: SocketAddr,
         side: Side,
         queue_limit: usize,
+        grace: Duration,
     ) -> Self {
         let status = match side {
             Side::Client => Status::Connecting,
             Side::Server => Status::Open,
         };
         Conn {
-            id: shared.next_conn_id.fetch_add(1, Ordering::Relaxed),
             peer,
             side,
             shared,
             state: Mutex::new(ConnState {
                 pool: ChannelPool::new(queue_limit),
                 out: WriteQueue::new(),
-                opened: side == Side::Server,
+                opened_at: None,
+                responded: false,
+                ended_early: false,
+                closed_at: None,
                 status,
-                timer_at: None,
-                idle_at: None,
+                requests_timer: None,
+                reconnect_timer: None,
+                answered: 0,
+                in_batch: false,
             }),
             flush_scheduled: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
-            last_active_ms: AtomicU64::new(0),
+            grace,
         }
     }
 
     pub(crate) fn peer(&self) -> SocketAddr {
         self.peer
-    }
-
-    pub(crate) fn side(&self) -> Side {
-        self.side
     }
 
     pub(crate) fn token(&self) -> usize {
@@ -118,46 +126,33 @@ impl Conn {
         matches!(self.state.lock().status, Status::Closed(_))
     }
 
-    pub(crate) fn is_connecting(&self) -> bool {
-        matches!(self.state.lock().status, Status::Connecting)
-    }
-
-    pub(crate) fn mark_open(&self) {
+    /// The connect completed at `now`.
+    pub(crate) fn mark_open(&self, now: Instant) {
         let mut state = self.state.lock();
         if matches!(state.status, Status::Connecting) {
             state.status = Status::Open;
-            state.opened = true;
+            state.opened_at = Some(now);
         }
     }
 
-    /// Whether the connection was ever established (a closed one that never
-    /// was counts as a failed connect attempt).
-    pub(crate) fn was_opened(&self) -> bool {
-        self.state.lock().opened
+    /// `None` while open; once closed, when, and whether before it proved
+    /// healthy: it never opened, or it closed within the grace with no
+    /// response (always false for server connections).
+    pub(crate) fn closed_early(&self) -> Option<(bool, Instant)> {
+        let state = self.state.lock();
+        state.closed_at.map(|at| (state.ended_early, at))
     }
 
-    /// Has the timer check at `at` whether the peer went silent, unless the
-    /// connection closed. The registration happens under the connection's
-    /// lock, so it can never outlive the close that removes it.
-    pub(crate) fn arm_idle(self: &Arc<Self>, at: Instant) {
+    /// Has the timer start connecting at `at` (a reconnect delayed by
+    /// backoff). False if the timer has stopped: the caller ends `conn`.
+    pub(crate) fn connect_at(self: &Arc<Self>, at: Instant) -> bool {
         let mut state = self.state.lock();
         if matches!(state.status, Status::Closed(_)) {
-            return;
+            return true;
         }
-        state.idle_at = Some(at);
-        self.shared.timer.insert_idle(at, self.id, self.clone());
-    }
-
-    /// IO thread: the peer just sent something.
-    pub(crate) fn touch(&self) {
-        let ms = self.shared.epoch.elapsed().as_millis() as u64;
-        self.last_active_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// When the peer last sent something.
-    pub(crate) fn last_active(&self) -> Instant {
-        self.shared.epoch
-            + std::time::Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
+        let key = self.shared.timer.insert(at, Kind::Reconnect, self.clone());
+        state.reconnect_timer = key;
+        key.is_some()
     }
 
     /// Registers a request and queues its frame. The request's channel id is
@@ -208,13 +203,22 @@ impl Conn {
             };
             packet.set_channel_id(id);
             state.out.push(&*self.shared.streamer, &packet);
-            let register = state.timer_at.map_or(true, |at| deadline < at);
-            if register {
-                state.timer_at = Some(deadline);
-            }
-            (id, register)
+            // One timer entry per connection, at its earliest deadline: an
+            // earlier one replaces it (the old connection reference is
+            // dropped after the lock).
+            let earlier = state.requests_timer.map_or(true, |(at, _)| deadline < at);
+            let replaced = if earlier {
+                let old = state.requests_timer.take();
+                state.requests_timer =
+                    (self.shared.timer).insert(deadline, Kind::Requests, self.clone());
+                old.and_then(|key| self.shared.timer.remove(key))
+            } else {
+                None
+            };
+            (id, replaced)
         };
-        let (id, register) = register;
+        let (id, replaced) = register;
+        drop(replaced);
         tracing::debug!(
             peer = %self.peer,
             channel_id = %id,
@@ -223,9 +227,6 @@ impl Conn {
             "request sent"
         );
         self.shared.stats.pending_added();
-        if register {
-            self.shared.timer.register(deadline, self.clone());
-        }
         self.schedule_flush();
         Ok(id)
     }
@@ -242,11 +243,50 @@ impl Conn {
 
     /// Queues a frame that expects no response (channel id as given).
     pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        self.queue_frame(packet, false)
+    }
+
+    /// Queues a server's reply and counts its request as answered.
+    pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        self.queue_frame(packet, true)
+    }
+
+    /// A reply could not be sent: counted in the transport's stats.
+    pub(crate) fn reply_dropped(&self) {
+        self.shared.stats.reply_dropped();
+    }
+
+    /// A request no route wanted: counted in the transport's stats.
+    pub(crate) fn count_unrouted(&self) {
+        self.shared.stats.unrouted();
+    }
+
+    /// A request handed to a handler ended without a reply.
+    pub(crate) fn answered_without_reply(self: &Arc<Self>) {
+        let flush = {
+            let mut state = self.state.lock();
+            state.answered += 1;
+            !state.in_batch && !matches!(state.status, Status::Closed(_))
+        };
+        // The IO thread looks at the count when it flushes: a draining
+        // connection may be done now.
+        if flush {
+            self.schedule_flush();
+        }
+    }
+
+    fn queue_frame(self: &Arc<Self>, packet: Packet, reply: bool) -> Result<(), SendError<Packet>> {
         if let Some(error) = self.too_large(&packet) {
+            if reply {
+                self.answered_without_reply();
+            }
             return Err(SendError::new(error, packet));
         }
-        {
+        let flush = {
             let mut state = self.state.lock();
+            if reply {
+                state.answered += 1;
+            }
             if let Status::Closed(error) = &state.status {
                 let error = error.clone();
                 drop(state);
@@ -259,18 +299,27 @@ impl Conn {
                 return Err(SendError::new(Error::QueueFull, packet));
             }
             state.out.push(&*self.shared.streamer, &packet);
+            !state.in_batch
+        };
+        if flush {
+            self.schedule_flush();
         }
-        self.schedule_flush();
         Ok(())
     }
 
-    /// Queues a reply: straight into the IO thread's queue when made by a
-    /// handler running on it for this connection, else as any frame.
-    pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
-        if self.too_large(&packet).is_none() && super::inline::try_push(self, &packet) {
-            return Ok(());
-        }
-        self.send_frame(packet)
+    /// IO thread: a decode batch begins; replies made during it are taken
+    /// by [`end_batch`](Self::end_batch) without a flush request each.
+    pub(crate) fn begin_batch(&self) {
+        self.state.lock().in_batch = true;
+    }
+
+    /// IO thread: the decode batch ended; moves the replies it produced into
+    /// `into` and returns how many requests were answered in all.
+    pub(crate) fn end_batch(&self, into: &mut WriteQueue) -> u64 {
+        let mut state = self.state.lock();
+        state.in_batch = false;
+        into.append(&mut state.out);
+        state.answered
     }
 
     /// Asks the IO thread to write this connection's queue, unless a request
@@ -288,101 +337,124 @@ impl Conn {
         }
     }
 
-    /// Bytes queued by senders and not yet taken by the IO thread.
-    pub(crate) fn queued_len(&self) -> usize {
-        self.state.lock().out.len()
-    }
-
     /// Whether frames are queued and a flush was asked for.
     pub(crate) fn flush_pending(&self) -> bool {
         self.flush_scheduled.load(Ordering::Acquire)
     }
 
-    /// IO thread: moves queued frames into its own write queue.
-    pub(crate) fn take_output(&self, into: &mut WriteQueue) {
+    /// IO thread: moves queued frames into its own write queue; returns
+    /// how many requests were answered in all.
+    pub(crate) fn take_output(&self, into: &mut WriteQueue) -> u64 {
         // Clear first: a frame queued after the take schedules a new flush.
         self.flush_scheduled.store(false, Ordering::Release);
-        let frames = {
+        let (frames, answered) = {
             let mut state = self.state.lock();
             let frames = state.out.frames();
             into.append(&mut state.out);
-            frames
+            (frames, state.answered)
         };
         // Counted here, once per batch, rather than by every sender.
         self.shared.stats.packets_out(frames);
+        answered
     }
 
     /// IO thread: matches responses to pending requests. Responses that
-    /// match nothing are counted and dropped.
-    pub(crate) fn complete_responses(&self, responses: &mut Vec<Packet>, out: &mut Vec<Ready>) {
-        let before = out.len();
+    /// match nothing are counted and dropped. `buffer` is reused.
+    pub(crate) fn complete_responses(
+        &self,
+        responses: &mut Vec<Packet>,
+        mut buffer: Vec<Ready>,
+    ) -> Outcomes<'_> {
         let mut late = 0;
         {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
                 let id = response.channel_id();
                 match state.pool.finish(id, crate::proto::reply::classify(response)) {
-                    Some(ready) => out.push(ready),
+                    Some(ready) => buffer.push(ready),
                     None => late += 1,
                 }
             }
+            if !buffer.is_empty() {
+                state.responded = true;
+            }
         }
-        self.shared.stats.pending_removed(out.len() - before);
-        self.trace_outcomes(&out[before..]);
+        self.shared.stats.pending_removed(buffer.len());
+        self.trace_outcomes(&buffer);
         self.shared.stats.late_responses(late);
         if late > 0 {
             tracing::debug!(peer = %self.peer, late, "dropped responses matching no pending request");
         }
+        Outcomes::new(&self.shared, buffer)
     }
 
-    /// Timer thread: removes expired requests; returns the next deadline.
-    pub(crate) fn expire(&self, now: Instant, out: &mut Vec<Ready>) -> Option<Instant> {
-        let (expired, next) = {
+    /// Timer thread: ends the requests due at `now` with `Timeout` and
+    /// registers the next deadline.
+    pub(crate) fn expire(self: &Arc<Self>, now: Instant) {
+        let mut expired = Vec::new();
+        {
             let mut state = self.state.lock();
-            let expired = state.pool.expire(now, out);
-            let next = state.pool.next_deadline();
-            state.timer_at = next;
-            (expired, next)
-        };
-        if expired > 0 {
-            self.shared.stats.pending_removed(expired);
-            self.shared.stats.timed_out(expired);
-            self.trace_outcomes(&out[out.len() - expired..]);
+            // The entry that fired has left the table.
+            state.requests_timer = None;
+            if matches!(state.status, Status::Closed(_)) {
+                return;
+            }
+            state.pool.expire(now, &mut expired);
+            if let Some(next) = state.pool.next_deadline() {
+                state.requests_timer = (self.shared.timer).insert(next, Kind::Requests, self.clone());
+            }
         }
-        next
+        let outcomes = Outcomes::new(&self.shared, expired);
+        if outcomes.len() > 0 {
+            self.shared.stats.pending_removed(outcomes.len());
+            self.shared.stats.timed_out(outcomes.len());
+            self.trace_outcomes(outcomes.as_slice());
+        }
     }
 
-    /// Marks the connection closed and fails its pending requests: with
-    /// `Shutdown` if `error` is `Shutdown`, else with `Disconnected`.
-    /// Returns false if it was closed already.
-    pub(crate) fn close(&self, error: Error, out: &mut Vec<Ready>) -> bool {
+    /// Marks the connection closed and takes its pending requests, failed
+    /// with `Shutdown` if `error` is `Shutdown`, else with `Disconnected`.
+    /// Empty if it was closed already.
+    pub(crate) fn close(&self, error: Error) -> Outcomes<'_> {
         let request_error = match error {
             Error::Shutdown => Error::Shutdown,
             _ => Error::Disconnected,
         };
-        let before = out.len();
-        let mut idle = None;
+        let mut failed = Vec::new();
+        let mut timers = Vec::new();
         {
             let mut state = self.state.lock();
             if matches!(state.status, Status::Closed(_)) {
-                return false;
+                return Outcomes::new(&self.shared, failed);
+            }
+            let now = Instant::now();
+            state.closed_at = Some(now);
+            if self.side == Side::Client {
+                let proved = state.responded
+                    || state.opened_at.is_some_and(|at| now - at >= self.grace);
+                state.ended_early = !proved;
             }
             state.status = Status::Closed(request_error.clone());
-            state.pool.fail_all(&request_error, out);
+            state.pool.fail_all(&request_error, &mut failed);
             // Release the table's memory: a closed connection may outlive its
-            // close for a while (timer entries, responders still held).
+            // close for a while (responders still held).
             state.pool = ChannelPool::new(state.pool.capacity());
             state.out = WriteQueue::new();
-            state.timer_at = None;
-            if let Some(at) = state.idle_at.take() {
+            for key in [state.requests_timer.take(), state.reconnect_timer.take()]
+                .into_iter()
+                .flatten()
+            {
                 // Dropped after the lock: it may be the last reference.
-                idle = self.shared.timer.remove_idle(at, self.id);
+                timers.extend(self.shared.timer.remove(key));
+            }
+            if state.ended_early {
+                self.shared.stats.early_failure();
             }
         }
-        drop(idle);
-        self.shared.stats.pending_removed(out.len() - before);
-        self.trace_outcomes(&out[before..]);
-        true
+        drop(timers);
+        self.shared.stats.pending_removed(failed.len());
+        self.trace_outcomes(&failed);
+        Outcomes::new(&self.shared, failed)
     }
 
     /// Logs how each request ended, at debug level (the counterpart of the
@@ -411,10 +483,8 @@ impl Conn {
 
 impl Cancel for Conn {
     fn cancel(&self, id: ChannelId) {
-        let ready = self.state.lock().pool.cancel(id);
-        if let Some(ready) = ready {
-            self.shared.stats.pending_removed(1);
-            self.shared.deliver(ready);
-        }
+        let cancelled: Vec<Ready> = self.state.lock().pool.cancel(id).into_iter().collect();
+        self.shared.stats.pending_removed(cancelled.len());
+        drop(Outcomes::new(&self.shared, cancelled));
     }
 }

@@ -2,31 +2,31 @@
 //!
 //! Each turn: run queued commands, sleep in `poll` (unless work is left over),
 //! then for each event accept, finish a connect, read until `WouldBlock`
-//! (decoding as it goes) or write until `WouldBlock`. Readiness is
+//! (decoding as it goes) or write until `WouldBlock`. Each connection's
+//! state machine ([`Connection`]) decides what may be read, what is due and
+//! when to close; this file moves bytes and hands frames on. Readiness is
 //! edge-triggered, so every read and write loop runs until the socket says
 //! `WouldBlock`, or the connection is put on a list to be continued next
 //! turn: a connection that stops early for fairness or back-pressure must
 //! not wait for an edge that will never come.
 
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::error::Error;
 use crate::packet::Packet;
-use crate::proto::{FrameDecoder, Ready, WriteQueue};
-use crate::server::{Dispatch, Responder, ServerAdaptor};
-use crate::status::{self, Sniff};
+use crate::proto::{CloseReason, Connection, Hold, Limits, Phase, Ready, Side};
 
-use super::inline;
-use crate::sync::Ordering;
-
-use super::conn::{Conn, Side, NO_TOKEN};
+use super::conn::{Conn, NO_TOKEN};
+use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
+use super::stream::Stream;
+use super::timer::{Kind, TimerKey};
 use super::workers::Job;
 use super::{Command, Shared};
 
@@ -55,30 +55,21 @@ enum Endpoint {
 
 struct IoListener {
     socket: TcpListener,
-    adaptor: Arc<dyn ServerAdaptor>,
-    dispatch: Dispatch,
+    service: Arc<Service>,
     /// The last accept failed for lack of resources (logged once).
     failing: bool,
 }
 
 struct IoConn {
-    socket: TcpStream,
+    stream: Stream,
     conn: Arc<Conn>,
-    decoder: FrameDecoder,
-    out: WriteQueue,
-    connecting: bool,
-    /// Server connections: where requests go.
-    server: Option<(Arc<dyn ServerAdaptor>, Dispatch)>,
+    state: Connection,
+    /// Server connections: what handles their requests.
+    service: Option<Arc<Service>>,
     /// A request the full worker queue could not take yet.
     stalled: Option<Job>,
-    /// Reading paused until the worker queue has room.
-    paused: bool,
-    /// Reading paused until the peer takes some of our unwritten output.
-    out_blocked: bool,
-    /// Server connections with the status page on: frames or HTTP decided.
-    sniffed: bool,
-    /// An HTTP response is queued: close once it is written.
-    close_when_flushed: bool,
+    /// The connection's deadline registered with the timer.
+    timer: Option<TimerKey>,
 }
 
 struct IoLoop {
@@ -92,7 +83,8 @@ struct IoLoop {
     /// Listeners whose accept failed for lack of resources.
     accept_retry: Vec<usize>,
     responses: Vec<Packet>,
-    readies: Vec<Ready>,
+    /// A reused buffer for the requests completed by a batch of responses.
+    completed: Vec<Ready>,
 }
 
 /// The `tbnet-io` thread's body.
@@ -106,7 +98,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         again: Vec::new(),
         accept_retry: Vec::new(),
         responses: Vec::new(),
-        readies: Vec::new(),
+        completed: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     loop {
@@ -120,15 +112,11 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         } else {
             None
         };
-        // Announce the sleep, then look once more: a command queued after
-        // this point finds the flag clear and wakes us.
-        shared.io_awake.store(false, Ordering::SeqCst);
-        if !shared.commands.is_empty() {
-            shared.io_awake.store(true, Ordering::SeqCst);
+        if !shared.waker.may_sleep(|| shared.commands.is_empty()) {
             continue;
         }
         let polled = io.poll.poll(&mut events, timeout);
-        shared.io_awake.store(true, Ordering::SeqCst);
+        shared.waker.awake();
         if let Err(e) = polled {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -147,8 +135,18 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
     }
     io.shut_down();
-    shared.io_exited.store(true, Ordering::SeqCst);
+    shared.lifecycle.io_exited();
     shared.fail_commands();
+}
+
+/// The error a connection's pending requests and logs see for `reason`.
+fn close_error(reason: CloseReason) -> Error {
+    match reason {
+        CloseReason::ConnectTimedOut | CloseReason::Idle => Error::Timeout,
+        CloseReason::PeerClosed | CloseReason::Drained | CloseReason::Answered => {
+            Error::Disconnected
+        }
+    }
 }
 
 impl IoLoop {
@@ -156,9 +154,7 @@ impl IoLoop {
     fn run_commands(&mut self) -> bool {
         while let Some(command) = self.shared.commands.pop() {
             match command {
-                Command::Listen(socket, adaptor, dispatch) => {
-                    self.add_listener(socket, adaptor, dispatch)
-                }
+                Command::Listen(socket, service) => self.add_listener(socket, service),
                 Command::Connect(conn) => self.connect(conn),
                 Command::Flush(conn) => {
                     if let Some(token) = self.token_of(&conn) {
@@ -168,38 +164,18 @@ impl IoLoop {
                 Command::Close(conn, error) => match self.token_of(&conn) {
                     Some(token) => self.close(token, error),
                     // Not connected yet (or never to be): end it all the same.
-                    None => self.fail_conn(&conn, error),
+                    None => drop(conn.close(error)),
                 },
-                Command::ConnectTimedOut(conn) => {
+                Command::Timeout(conn) => {
                     if let Some(token) = self.token_of(&conn) {
-                        if self.conn_mut(token).is_some_and(|c| c.connecting) {
-                            tracing::warn!(peer = %conn.peer(), "connect timed out");
-                            self.close(token, Error::Timeout);
-                        }
+                        self.timeout(token);
                     }
                 }
-                Command::IdleCheck(conn) => self.check_idle(conn),
                 Command::ResumeReading => self.resume(),
                 Command::Shutdown => return true,
             }
         }
         false
-    }
-
-    /// Closes `conn` if its peer has been silent for the idle timeout, or
-    /// schedules the next look.
-    fn check_idle(&mut self, conn: Arc<Conn>) {
-        let (Some(token), Some(limit)) = (self.token_of(&conn), self.shared.config.idle_timeout)
-        else {
-            return;
-        };
-        let due = conn.last_active() + limit;
-        if due <= Instant::now() {
-            tracing::info!(peer = %conn.peer(), "closing idle connection");
-            self.close(token, Error::Timeout);
-        } else {
-            conn.arm_idle(due);
-        }
     }
 
     fn token_of(&self, conn: &Arc<Conn>) -> Option<usize> {
@@ -217,12 +193,17 @@ impl IoLoop {
         }
     }
 
-    fn add_listener(
-        &mut self,
-        mut socket: TcpListener,
-        adaptor: Arc<dyn ServerAdaptor>,
-        dispatch: Dispatch,
-    ) {
+    fn limits(&self) -> Limits {
+        let config = &self.shared.config;
+        Limits {
+            max_outbound: config.max_outbound,
+            idle_timeout: config.idle_timeout,
+            connect_timeout: config.connect_timeout,
+            read_chunk: config.read_chunk,
+        }
+    }
+
+    fn add_listener(&mut self, mut socket: TcpListener, service: Arc<Service>) {
         let entry = self.endpoints.vacant_entry();
         let token = Token(entry.key());
         if let Err(e) = self
@@ -235,8 +216,7 @@ impl IoLoop {
         }
         entry.insert(Endpoint::Listener(IoListener {
             socket,
-            adaptor,
-            dispatch,
+            service,
             failing: false,
         }));
         // Connections may have queued before registration.
@@ -247,82 +227,83 @@ impl IoLoop {
         if conn.is_closed() {
             return;
         }
+        self.shared.stats.connect_attempt();
         let peer = conn.peer();
-        let socket = match TcpStream::connect(peer) {
-            Ok(socket) => socket,
+        let stream = match Stream::connect(peer) {
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "connect failed");
-                self.fail_conn(&conn, Error::from(e));
+                drop(conn.close(Error::from(e)));
                 return;
             }
         };
-        let deadline = Instant::now() + self.shared.config.connect_timeout;
-        if self.insert_conn(socket, conn.clone(), None, true).is_some() {
-            self.shared.timer.register_connect(deadline, conn);
-        }
+        let state = Connection::client(Instant::now(), self.limits());
+        self.insert_conn(stream, conn, state, None);
     }
 
-    /// Registers a socket; on failure closes `conn`.
+    /// Registers a connection's stream; on failure closes `conn`.
     fn insert_conn(
         &mut self,
-        mut socket: TcpStream,
+        mut stream: Stream,
         conn: Arc<Conn>,
-        server: Option<(Arc<dyn ServerAdaptor>, Dispatch)>,
-        connecting: bool,
-    ) -> Option<usize> {
+        state: Connection,
+        service: Option<Arc<Service>>,
+    ) {
         let entry = self.endpoints.vacant_entry();
         let token = entry.key();
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut socket, Token(token), interest)
-        {
+        if let Err(e) = stream.register(self.poll.registry(), Token(token)) {
             tracing::warn!(peer = %conn.peer(), error = %e, "could not register a connection");
-            self.fail_conn(&conn, Error::from(e));
-            return None;
+            drop(conn.close(Error::from(e)));
+            return;
         }
-        if !connecting {
-            let _ = socket.set_nodelay(true);
-        }
-        if let Some(idle) = self.shared.config.tcp_keepalive {
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(idle);
-            if let Err(e) = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive) {
-                tracing::debug!(peer = %conn.peer(), error = %e, "could not enable TCP keepalive");
-            }
-        }
-        if let (Some(_), Some(idle)) = (&server, self.shared.config.idle_timeout) {
-            conn.touch();
-            conn.arm_idle(Instant::now() + idle);
+        if state.phase() != Phase::Connecting {
+            stream.configure(self.shared.config.tcp_keepalive);
         }
         conn.set_token(token);
         entry.insert(Endpoint::Conn(IoConn {
-            socket,
+            stream,
             conn,
-            decoder: FrameDecoder::with_read_chunk(self.shared.config.read_chunk),
-            out: WriteQueue::new(),
-            connecting,
-            server,
+            state,
+            service,
             stalled: None,
-            paused: false,
-            out_blocked: false,
-            sniffed: !self.shared.config.status_page,
-            close_when_flushed: false,
+            timer: None,
         }));
         self.shared.stats.connection_opened();
-        Some(token)
+        self.arm(token);
     }
 
-    fn fail_conn(&mut self, conn: &Conn, error: Error) {
-        conn.close(error, &mut self.readies);
-        self.deliver();
+    /// Registers the connection's next deadline with the timer, if its
+    /// state machine asks for it.
+    fn arm(&mut self, token: usize) {
+        let shared = self.shared.clone();
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        let Some(at) = c.state.deadline_to_arm() else {
+            return;
+        };
+        let old = c.timer.take().and_then(|key| shared.timer.remove(key));
+        c.timer = shared.timer.insert(at, Kind::Connection, c.conn.clone());
+        drop(old);
     }
 
-    fn deliver(&mut self) {
-        for ready in self.readies.drain(..) {
-            self.shared.deliver(ready);
+    /// Something may be due on the connection: closes it, or re-arms.
+    fn timeout(&mut self, token: usize) {
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        c.timer = None;
+        match c.state.handle_timeout(Instant::now()) {
+            Some(reason) => {
+                match reason {
+                    CloseReason::ConnectTimedOut => {
+                        tracing::warn!(peer = %c.conn.peer(), "connect timed out");
+                    }
+                    _ => tracing::info!(peer = %c.conn.peer(), "closing idle connection"),
+                }
+                self.close(token, close_error(reason));
+            }
+            None => self.arm(token),
         }
     }
 
@@ -334,7 +315,7 @@ impl IoLoop {
         match self.endpoints.get(token) {
             Some(Endpoint::Listener(_)) => self.accept(token),
             Some(Endpoint::Conn(c)) => {
-                if c.connecting {
+                if c.state.phase() == Phase::Connecting {
                     self.finish_connect(token);
                     return;
                 }
@@ -360,10 +341,18 @@ impl IoLoop {
                         tracing::info!("accepting again");
                         listener.failing = false;
                     }
-                    let server = Some((listener.adaptor.clone(), listener.dispatch));
-                    let conn = Arc::new(Conn::new(self.shared.clone(), peer, Side::Server, 1));
+                    let service = listener.service.clone();
+                    let conn = Arc::new(Conn::new(
+                        self.shared.clone(),
+                        peer,
+                        Side::Server,
+                        1,
+                        Duration::ZERO,
+                    ));
                     tracing::debug!(%peer, "accepted");
-                    self.insert_conn(socket, conn, server, false);
+                    let sniff = service.sniffer.is_some();
+                    let state = Connection::server(Instant::now(), self.limits(), sniff);
+                    self.insert_conn(Stream::Tcp(socket), conn, state, Some(service));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // The peer gave up before we took it: take the next one.
@@ -392,23 +381,21 @@ impl IoLoop {
     }
 
     fn finish_connect(&mut self, token: usize) {
+        let shared = self.shared.clone();
+        let keepalive = shared.config.tcp_keepalive;
         let Some(c) = self.conn_mut(token) else {
             return;
         };
-        let result = match c.socket.take_error() {
-            Ok(Some(e)) | Err(e) => Err(e),
-            Ok(None) => match c.socket.peer_addr() {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-                Err(e) => Err(e),
-            },
-        };
-        match result {
+        match c.stream.finish_connect() {
             Ok(false) => {} // still in progress; a later event finishes it
             Ok(true) => {
-                c.connecting = false;
-                let _ = c.socket.set_nodelay(true);
-                c.conn.mark_open();
+                let now = Instant::now();
+                c.state.connected(now);
+                c.stream.configure(keepalive);
+                c.conn.mark_open(now);
+                // The connect deadline is gone and clients have no other.
+                let old = c.timer.take().and_then(|key| shared.timer.remove(key));
+                drop(old);
                 tracing::debug!(peer = %c.conn.peer(), "connected");
                 self.write(token);
                 self.read(token);
@@ -427,7 +414,8 @@ impl IoLoop {
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.
         if let Some(c) = self.conn_mut(token) {
-            if c.conn.flush_pending() || !c.out.is_empty() || c.close_when_flushed {
+            if c.conn.flush_pending() || c.state.unwritten() > 0 || c.state.poll_close().is_some()
+            {
                 self.write(token);
             }
         }
@@ -446,18 +434,15 @@ impl IoLoop {
             let Some(c) = self.conn_mut(token) else {
                 return;
             };
-            // Only a server stops reading for unwritten output: a client reading
-            // responses frees memory, and pausing both ends of one connection
-            // would deadlock them. Clients are bounded by `QueueFull` instead.
-            let out_paused = c.out_blocked && c.server.is_some();
-            if c.paused || out_paused || c.connecting || c.close_when_flushed {
+            if c.state.hold().is_some() {
                 return;
             }
             if reads == READS_PER_TURN {
                 self.again.push(token);
                 return;
             }
-            if !written && c.server.is_some() && (c.conn.flush_pending() || !c.out.is_empty()) {
+            let server = c.state.side() == Side::Server;
+            if !written && server && (c.conn.flush_pending() || c.state.unwritten() > 0) {
                 // Answer what was read before reading more: this is also
                 // where a peer that does not read is noticed.
                 written = true;
@@ -465,19 +450,28 @@ impl IoLoop {
                 continue;
             }
             reads += 1;
-            match c.decoder.read_from(&mut c.socket) {
+            match c.state.read_from(&mut c.stream, Instant::now()) {
                 Ok(0) => {
-                    tracing::debug!(peer = %c.conn.peer(), "peer closed the connection");
-                    self.close(token, Error::Disconnected);
-                    return;
+                    tracing::debug!(peer = %c.conn.peer(), "peer ended its sending side");
+                    let eof = c.state.handle_eof();
+                    if server {
+                        self.shared.stats.half_close();
+                    }
+                    match eof {
+                        Some(reason) => {
+                            self.close(token, close_error(reason));
+                            return;
+                        }
+                        // Draining: decode what is buffered, then stop.
+                        None => continue,
+                    }
                 }
                 Ok(n) => {
-                    c.conn.touch();
                     self.shared.stats.bytes_in(n as u64);
                     written = false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.decoder.release_if_idle();
+                    c.state.read_blocked();
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -491,110 +485,55 @@ impl IoLoop {
     }
 
     /// Takes every whole packet out of the connection's buffer: responses
-    /// complete their requests, requests go to the adaptor.
+    /// complete their requests, requests go to the handler.
     fn decode(&mut self, token: usize) -> Result<(), Error> {
         let IoLoop {
             shared,
             endpoints,
             paused,
             responses,
-            readies,
+            completed,
             ..
         } = self;
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
             return Ok(());
         };
-        if c.close_when_flushed || c.decoder.buffered() == 0 {
-            // Nothing to decode, or the status page answered and this
-            // connection reads nothing more.
+        if c.state.buffered() == 0 {
             return Ok(());
         }
-        if !c.sniffed && c.server.is_some() {
-            match status::sniff(c.decoder.buffered_bytes()) {
-                Sniff::Unsure => return Ok(()),
-                Sniff::Frames => c.sniffed = true,
-                Sniff::Http => return serve_http(shared, c),
-            }
+        if let Some(first) = c.state.first_bytes() {
+            sniff(shared, c, first.len())?;
         }
-        let mut decoded = 0;
-        let mut queued_jobs = false;
-        let max_outbound = shared.config.max_outbound;
-        // Replies made inline go straight into the write queue (see `inline`).
-        let lend = matches!(c.server, Some((_, Dispatch::IoThread)));
-        let frames_before = c.out.frames();
-        if lend {
-            inline::begin(&c.conn, std::mem::take(&mut c.out));
+        if !c.state.may_decode() {
+            return Ok(());
         }
-        let result = loop {
-            // (Only servers pause for output: see `read_until_blocked`.)
-            if c.paused || (c.out_blocked && c.server.is_some()) {
-                break Ok(());
-            }
-            // Replies can be far larger than requests: every few requests,
-            // stop if this connection's unwritten output reached its limit
-            // (`read` then writes, and reads on only once the peer took some).
-            if c.server.is_some()
-                && decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1
-                && c.out.len() + inline::len() + c.conn.queued_len() >= max_outbound
-            {
-                c.out_blocked = true;
-                break Ok(());
-            }
-            let packet = match c.decoder.next_packet(&*shared.streamer) {
-                Ok(Some(packet)) => packet,
-                Ok(None) => break Ok(()),
-                Err(e) => {
-                    shared.stats.bad_frame();
-                    tracing::warn!(peer = %c.conn.peer(), reason = %e, "closing connection: bad frame");
-                    break Err(Error::from(e));
+        match c.state.side() {
+            Side::Client => {
+                let decoded = decode_responses(shared, c, responses)?;
+                if !responses.is_empty() {
+                    let outcomes =
+                        c.conn.complete_responses(responses, std::mem::take(completed));
+                    *completed = outcomes.deliver();
                 }
-            };
-            decoded += 1;
-            match &c.server {
-                None => responses.push(packet),
-                Some((adaptor, dispatch)) => {
-                    tracing::debug!(
-                        peer = %c.conn.peer(),
-                        channel_id = %packet.channel_id(),
-                        pcode = %packet.pcode(),
-                        body_len = packet.body().len(),
-                        "request received"
-                    );
-                    let responder = Responder::new(c.conn.clone(), packet.channel_id());
-                    match dispatch {
-                        Dispatch::IoThread => handle_inline(adaptor.as_ref(), packet, responder),
-                        Dispatch::Workers => {
-                            let job = Job {
-                                adaptor: adaptor.clone(),
-                                request: packet,
-                                responder,
-                            };
-                            queued_jobs = true;
-                            if let Err(job) = shared.workers.push_request(job) {
-                                c.stalled = Some(job);
-                                c.paused = true;
-                                paused.push(token);
-                            }
-                        }
-                    }
-                }
+                shared.stats.packets_in(decoded);
+                Ok(())
             }
-        };
-        if lend {
-            c.out = inline::end();
-            shared.stats.packets_out(c.out.frames() - frames_before);
-        }
-        shared.stats.packets_in(decoded);
-        if queued_jobs {
-            shared.workers.notify();
-        }
-        if !responses.is_empty() {
-            c.conn.complete_responses(responses, readies);
-            for ready in readies.drain(..) {
-                shared.deliver(ready);
+            Side::Server => {
+                let mut batch = RequestBatch {
+                    shared,
+                    paused,
+                    token,
+                    decoded: 0,
+                    queued_jobs: false,
+                };
+                c.conn.begin_batch();
+                let result = batch.decode(c);
+                let answered = c.conn.end_batch(c.state.out());
+                c.state.set_answered(answered);
+                batch.finish();
+                result
             }
         }
-        result
     }
 
     /// The worker queue has room again: hand over stalled requests and read on.
@@ -611,42 +550,45 @@ impl IoLoop {
                     self.paused.push(token);
                     break;
                 }
+                c.state.dispatched(1);
             }
-            c.paused = false;
+            c.state.workers_free();
             self.read(token);
         }
         self.paused.extend(rest);
         self.shared.workers.notify();
     }
 
-    /// Writes the connection's queued frames until `WouldBlock`.
+    /// Writes the connection's queued frames until `WouldBlock`, then lets
+    /// its state machine say whether it is done.
     ///
     /// Output beyond `max_outbound` unwritten bytes stays in the
     /// connection's shared queue (where clients then get `QueueFull`) and
-    /// reading from the peer pauses, so a peer that sends requests but never
-    /// reads replies cannot grow our memory.
+    /// a server stops reading from the peer, so a peer that sends requests
+    /// but never reads replies cannot grow our memory.
     fn write(&mut self, token: usize) {
-        let max_outbound = self.shared.config.max_outbound;
         let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
             return;
         };
+        let held_for_output = c.state.hold() == Some(Hold::PeerNotReading);
         let failed = 'outer: loop {
-            if c.out.len() < max_outbound {
-                c.conn.take_output(&mut c.out);
+            if c.state.wants_output() {
+                let answered = c.conn.take_output(c.state.out());
+                c.state.set_answered(answered);
             }
-            if c.connecting || c.out.is_empty() {
+            if c.state.phase() == Phase::Connecting || c.state.unwritten() == 0 {
                 break None;
             }
-            while !c.out.is_empty() {
+            while c.state.unwritten() > 0 {
                 let written = {
                     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                    let n = c.out.io_slices(&mut slices);
-                    c.socket.write_vectored(&slices[..n])
+                    let n = c.state.out().io_slices(&mut slices);
+                    c.stream.write_vectored(&slices[..n])
                 };
                 match written {
                     Ok(0) => break 'outer Some(io::Error::from(io::ErrorKind::WriteZero)),
                     Ok(n) => {
-                        c.out.advance(n);
+                        c.state.wrote(n);
                         self.shared.stats.bytes_out(n as u64);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'outer None,
@@ -660,19 +602,18 @@ impl IoLoop {
             self.close(token, Error::from(e));
             return;
         }
-        if c.close_when_flushed && c.out.is_empty() {
-            self.close(token, Error::Disconnected);
+        if let Some(reason) = c.state.poll_close() {
+            tracing::debug!(peer = %c.conn.peer(), ?reason, "connection done");
+            self.close(token, close_error(reason));
             return;
         }
-        let blocked = c.out.len() >= max_outbound;
-        if blocked != c.out_blocked {
-            c.out_blocked = blocked;
-            if blocked && c.server.is_some() {
-                tracing::debug!(peer = %c.conn.peer(), unwritten = c.out.len(), "peer is not reading; pausing its input");
-            } else if c.server.is_some() {
-                // Reading stopped short of `WouldBlock`: no edge will come.
-                self.again.push(token);
+        match (held_for_output, c.state.hold() == Some(Hold::PeerNotReading)) {
+            (false, true) => {
+                tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
             }
+            // Reading stopped short of `WouldBlock`: no edge will come.
+            (true, false) => self.again.push(token),
+            _ => {}
         }
     }
 
@@ -684,13 +625,13 @@ impl IoLoop {
         let Endpoint::Conn(mut c) = self.endpoints.remove(token) else {
             unreachable!("checked above");
         };
-        let _ = self.poll.registry().deregister(&mut c.socket);
+        c.stream.deregister(self.poll.registry());
         c.conn.set_token(NO_TOKEN);
-        tracing::debug!(peer = %c.conn.peer(), side = ?c.conn.side(), reason = %error, "connection closed");
-        c.conn.close(error, &mut self.readies);
+        let timer = c.timer.take().and_then(|key| self.shared.timer.remove(key));
+        drop(timer);
+        tracing::debug!(peer = %c.conn.peer(), side = ?c.state.side(), reason = %error, "connection closed");
+        drop(c.conn.close(error));
         self.shared.stats.connection_closed();
-        drop(c);
-        self.deliver();
     }
 
     /// Stops listening, fails client requests with `Shutdown`, flushes
@@ -707,12 +648,11 @@ impl IoLoop {
         }
         for (_, endpoint) in self.endpoints.iter() {
             if let Endpoint::Conn(c) = endpoint {
-                if c.conn.side() == Side::Client {
-                    c.conn.close(Error::Shutdown, &mut self.readies);
+                if c.state.side() == Side::Client {
+                    drop(c.conn.close(Error::Shutdown));
                 }
             }
         }
-        self.deliver();
 
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
         let mut events = Events::with_capacity(256);
@@ -725,9 +665,9 @@ impl IoLoop {
                         }
                     }
                     Command::Connect(conn) | Command::Close(conn, _) => {
-                        self.fail_conn(&conn, Error::Shutdown);
+                        drop(conn.close(Error::Shutdown));
                     }
-                    Command::ConnectTimedOut(_) | Command::IdleCheck(_) => {}
+                    Command::Timeout(_) => {}
                     Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
                 }
             }
@@ -735,10 +675,8 @@ impl IoLoop {
             for &token in &tokens {
                 self.write(token);
             }
-            let unflushed = self
-                .endpoints
-                .iter()
-                .any(|(_, e)| matches!(e, Endpoint::Conn(c) if !c.out.is_empty()));
+            let unflushed = (self.endpoints.iter())
+                .any(|(_, e)| matches!(e, Endpoint::Conn(c) if c.state.unwritten() > 0));
             let busy = self.shared.workers.busy() > 0;
             let now = Instant::now();
             if (!unflushed && !busy) || now >= deadline {
@@ -756,46 +694,147 @@ impl IoLoop {
     }
 }
 
-/// The span a server handler runs in: the request's peer, channel id and
-/// packet code (debug level; free when disabled).
-pub(crate) fn request_span(request: &Packet, responder: &Responder) -> tracing::Span {
-    tracing::debug_span!(
-        "request",
-        peer = %responder.peer(),
-        channel_id = %request.channel_id(),
-        pcode = %request.pcode()
-    )
-}
-
-/// Answers the status page's one request on this connection, once its head
-/// has arrived, and stops reading it; `write` closes it once flushed.
-fn serve_http(shared: &Shared, c: &mut IoConn) -> Result<(), Error> {
-    match status::parse(c.decoder.buffered_bytes()) {
-        Ok(None) => Ok(()),
-        Ok(Some(request)) => {
-            let mut stats = shared.stats.snapshot();
-            stats.worker_queue = shared.workers.queued_requests() as u64;
-            let response = status::respond(&request, &stats, shared.epoch.elapsed());
-            tracing::debug!(peer = %c.conn.peer(), path = %request.path, "status page request");
-            c.out.push_raw(response);
-            c.close_when_flushed = true;
+/// Shows a sniffing connection's first `len` bytes to its listener's
+/// sniffer and moves the state machine on as it says.
+fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
+    let Some(sniffer) = c.service.as_ref().and_then(|s| s.sniffer.clone()) else {
+        c.state.frames_confirmed();
+        return Ok(());
+    };
+    let stats = || {
+        let mut stats = shared.stats.snapshot();
+        stats.worker_queue = shared.workers.queued_requests() as u64;
+        stats
+    };
+    let context = SniffContext {
+        stats: &stats,
+        uptime: shared.epoch.elapsed(),
+    };
+    let first = c.state.first_bytes().map_or(&[][..], |b| &b[..len]);
+    match sniffer.sniff(first, &context) {
+        Sniffed::NeedMore => Ok(()),
+        Sniffed::Frames => {
+            c.state.frames_confirmed();
             Ok(())
         }
-        Err(reason) => {
-            tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad HTTP request");
+        Sniffed::Respond(response) => {
+            c.state.respond_and_close(response);
+            Ok(())
+        }
+        Sniffed::Reject(reason) => {
+            tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad first bytes");
             Err(Error::Disconnected)
         }
     }
 }
 
-fn handle_inline(adaptor: &dyn ServerAdaptor, request: Packet, responder: Responder) {
-    let peer = responder.peer();
-    let _span = request_span(&request, &responder).entered();
-    if catch_unwind(AssertUnwindSafe(|| {
-        adaptor.handle_packet(request, responder)
-    }))
-    .is_err()
-    {
-        tracing::error!(%peer, "a server adaptor panicked on the IO thread");
+/// Decodes a client connection's responses into `responses`; returns how
+/// many frames were decoded.
+fn decode_responses(
+    shared: &Shared,
+    c: &mut IoConn,
+    responses: &mut Vec<Packet>,
+) -> Result<usize, Error> {
+    let mut decoded = 0;
+    loop {
+        match c.state.next_frame(&*shared.streamer) {
+            Ok(Some(packet)) => {
+                decoded += 1;
+                responses.push(packet);
+            }
+            Ok(None) => return Ok(decoded),
+            Err(e) => {
+                shared.stats.bad_frame();
+                tracing::warn!(peer = %c.conn.peer(), reason = %e, "closing connection: bad frame");
+                return Err(Error::from(e));
+            }
+        }
+    }
+}
+
+/// One pass over a server connection's buffered requests: the context
+/// passed down the decode, from the first request to the last.
+///
+/// Replies made while it runs (by handlers on this thread, or workers that
+/// are quick) join the connection's queue without a flush request each;
+/// the IO thread takes them when the pass ends.
+struct RequestBatch<'a> {
+    shared: &'a Shared,
+    paused: &'a mut Vec<usize>,
+    token: usize,
+    decoded: usize,
+    queued_jobs: bool,
+}
+
+impl RequestBatch<'_> {
+    fn decode(&mut self, c: &mut IoConn) -> Result<(), Error> {
+        let Some(service) = c.service.clone() else {
+            return Ok(());
+        };
+        loop {
+            // Replies can be far larger than requests: every few requests,
+            // gather this pass's replies so the state machine sees whether
+            // the unwritten output reached its limit (it then stops
+            // decoding; `read` writes, and reads on once the peer took some).
+            if self.decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1 {
+                let answered = c.conn.end_batch(c.state.out());
+                c.state.set_answered(answered);
+                c.conn.begin_batch();
+            }
+            let packet = match c.state.next_frame(&*self.shared.streamer) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.shared.stats.bad_frame();
+                    tracing::warn!(peer = %c.conn.peer(), reason = %e, "closing connection: bad frame");
+                    return Err(Error::from(e));
+                }
+            };
+            self.decoded += 1;
+            tracing::debug!(
+                peer = %c.conn.peer(),
+                channel_id = %packet.channel_id(),
+                pcode = %packet.pcode(),
+                body_len = packet.body().len(),
+                "request received"
+            );
+            let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
+            match service.dispatch {
+                super::Dispatch::IoThread => {
+                    c.state.dispatched(1);
+                    handle_inline(service.handler.as_ref(), packet, reply);
+                }
+                super::Dispatch::Workers => {
+                    let job = Job {
+                        handler: service.handler.clone(),
+                        request: packet,
+                        reply,
+                    };
+                    self.queued_jobs = true;
+                    match self.shared.workers.push_request(job) {
+                        Ok(()) => c.state.dispatched(1),
+                        Err(job) => {
+                            c.stalled = Some(job);
+                            c.state.workers_full();
+                            self.paused.push(self.token);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        self.shared.stats.packets_in(self.decoded);
+        if self.queued_jobs {
+            self.shared.workers.notify();
+        }
+    }
+}
+
+fn handle_inline(handler: &dyn RequestHandler, request: Packet, reply: ReplyTo) {
+    let peer = reply.conn().peer();
+    if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
+        tracing::error!(%peer, "a request handler panicked on the IO thread");
     }
 }

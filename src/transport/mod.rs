@@ -1,11 +1,27 @@
 //! The transport: one IO thread, one timeout thread, a worker pool.
+//!
+//! It knows frames, connections and threads, and of the layers above only
+//! the small interface in `handler`: what to do with a request frame and
+//! with a connection's first bytes. Files, by what they decide:
+//! - `lifecycle`: where the transport is (running, stopping, stopped);
+//! - `io`: moving bytes between sockets and connection state machines
+//!   (`proto::Connection`), through the byte-stream layer in `stream`;
+//! - `conn`: a connection's state shared with callers and workers (its
+//!   pending requests and queued frames);
+//! - `timer`: every deadline, in one table;
+//! - `outcomes`: delivering removed requests after the lock;
+//! - `wake`: waking the IO thread; `workers`: the worker pool.
 
 mod conn;
-mod inline;
+mod handler;
 mod io;
+mod lifecycle;
+mod outcomes;
 pub(crate) mod role;
 mod stats;
+mod stream;
 mod timer;
+mod wake;
 pub(crate) mod workers;
 
 use std::fmt;
@@ -19,13 +35,16 @@ use crossbeam_queue::SegQueue;
 use crate::completion::clamp_wait;
 use crate::error::Error;
 use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
-use crate::server::{Dispatch, ServerAdaptor};
-use crate::sync::{AtomicBool, Condvar, Mutex, Ordering};
+use crate::sync::Mutex;
 
-pub(crate) use conn::{Conn, Rejected, Side};
+pub(crate) use conn::{Conn, Rejected};
+pub use handler::Dispatch;
+pub(crate) use handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed, Sniffer};
+use lifecycle::Lifecycle;
 use stats::Stats;
 pub use stats::StatsSnapshot;
-use timer::TimerQueue;
+use timer::TimerTable;
+use wake::IoWaker;
 use workers::WorkQueues;
 
 /// Default for [`TransportBuilder::max_outbound`]: 8 MiB.
@@ -33,15 +52,12 @@ pub const DEFAULT_MAX_OUTBOUND: usize = 8 << 20;
 
 /// Work handed to the IO thread.
 pub(crate) enum Command {
-    Listen(mio::net::TcpListener, Arc<dyn ServerAdaptor>, Dispatch),
+    Listen(mio::net::TcpListener, Arc<Service>),
     Connect(Arc<Conn>),
     Flush(Arc<Conn>),
     Close(Arc<Conn>, Error),
-    /// The connect timeout passed: close the connection if still connecting.
-    ConnectTimedOut(Arc<Conn>),
-    /// The idle timeout may have passed: close the connection if its peer
-    /// is still silent.
-    IdleCheck(Arc<Conn>),
+    /// The connection's deadline came: its state machine decides what is due.
+    Timeout(Arc<Conn>),
     ResumeReading,
     Shutdown,
 }
@@ -73,33 +89,21 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) streamer: Arc<dyn PacketStreamer>,
     pub(crate) stats: Stats,
-    /// Origin of the coarse millisecond clock connections stamp activity with.
+    /// When the transport started (the status page's uptime).
     pub(crate) epoch: std::time::Instant,
-    pub(crate) next_conn_id: crate::sync::AtomicU64,
-    pub(crate) timer: TimerQueue,
+    pub(crate) timer: TimerTable,
     pub(crate) workers: WorkQueues,
+    pub(crate) lifecycle: Lifecycle,
     commands: SegQueue<Command>,
-    waker: mio::Waker,
-    /// True while the IO thread is awake (or already woken): senders then
-    /// skip the wakeup syscall.
-    io_awake: AtomicBool,
-    pub(crate) stopping: AtomicBool,
-    /// The IO thread is gone: senders fail their own commands.
-    io_exited: AtomicBool,
-    /// The workers are gone: callbacks run on the completing thread.
-    workers_exited: AtomicBool,
+    waker: IoWaker,
 }
 
 impl Shared {
     /// Hands `command` to the IO thread, waking it if it sleeps.
     pub(crate) fn command(&self, command: Command) {
         self.commands.push(command);
-        if !self.io_awake.swap(true, Ordering::SeqCst) {
-            if let Err(e) = self.waker.wake() {
-                tracing::error!(error = %e, "could not wake the IO thread");
-            }
-        }
-        if self.io_exited.load(Ordering::SeqCst) {
+        self.waker.wake();
+        if self.lifecycle.is_io_gone() {
             self.fail_commands();
         }
     }
@@ -107,20 +111,15 @@ impl Shared {
     /// After the IO thread exited: ends whatever commands are left, failing
     /// their connections' requests with `Shutdown`.
     fn fail_commands(&self) {
-        let mut readies = Vec::new();
         while let Some(command) = self.commands.pop() {
             match command {
                 Command::Connect(conn)
                 | Command::Flush(conn)
                 | Command::Close(conn, _)
-                | Command::ConnectTimedOut(conn)
-                | Command::IdleCheck(conn) => {
-                    conn.close(Error::Shutdown, &mut readies);
-                }
+                | Command::Timeout(conn) => drop(conn.close(Error::Shutdown)),
                 Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
             }
         }
-        readies.into_iter().for_each(|ready| self.deliver(ready));
     }
 
     /// Fires a completion: waiters are woken here; callbacks go to the
@@ -132,18 +131,37 @@ impl Shared {
             return;
         }
         let inline = self.config.callbacks == Dispatch::IoThread && role::is(role::IO, self);
-        if inline || self.workers_exited.load(Ordering::SeqCst) {
+        if inline || self.lifecycle.is_stopped() {
             workers::run_callback(ready);
             return;
         }
         self.workers.push_callback(ready);
-        if self.workers_exited.load(Ordering::SeqCst) {
+        if self.lifecycle.is_stopped() {
             self.workers.drain_callbacks();
         }
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.lifecycle.is_stopping()
+    }
+
+    /// Starts listening on `socket` for `service` (the server layer's
+    /// `listen`). Returns the bound address.
+    pub(crate) fn listen(&self, addr: SocketAddr, service: Service) -> Result<SocketAddr, Error> {
+        if self.is_stopping() {
+            return Err(Error::Shutdown);
+        }
+        let listener = mio::net::TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        let dispatch = service.dispatch;
+        self.command(Command::Listen(listener, Arc::new(service)));
+        if self.is_stopping() {
+            // `stop` began meanwhile: the IO thread may drop the listener
+            // unregistered, so do not report it as listening.
+            return Err(Error::Shutdown);
+        }
+        tracing::info!(%local, ?dispatch, "listening");
+        Ok(local)
     }
 }
 
@@ -301,31 +319,9 @@ impl TransportBuilder {
         self
     }
 
-    /// Answers plain HTTP `GET /status` (JSON) and `GET /metrics`
-    /// (Prometheus text) on every listener's port, beside tbnet frames
-    /// (default off). A connection whose first bytes are `GET ` or `HEAD `
-    /// gets one HTTP response and is closed; other paths get 404, malformed
-    /// requests are closed unanswered. tbnet's own servers answered such
-    /// status requests through their HTTP streamer.
-    ///
-    /// # Examples
-    /// ```
-    /// use std::io::{Read, Write};
-    /// use tbnet::{Packet, Responder, Transport};
-    ///
-    /// let transport = Transport::builder().status_page(true).start()?;
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |_: Packet, _: Responder| {})?;
-    /// let mut http = std::net::TcpStream::connect(addr)?;
-    /// http.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    /// let mut response = String::new();
-    /// http.read_to_string(&mut response)?;
-    /// assert!(response.starts_with("HTTP/1.1 200 OK"));
-    /// assert!(response.contains("\"connections\":"));
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn status_page(mut self, enabled: bool) -> Self {
-        self.config.status_page = enabled;
-        self
+    /// The settings, for the layers that add builder options of their own.
+    pub(crate) fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
     }
 
     /// Longest the timeout thread sleeps between looks (default 100 ms; it
@@ -342,21 +338,17 @@ impl TransportBuilder {
     /// [`Error::Io`] if the poller or a thread cannot be created.
     pub fn start(self) -> Result<Transport, Error> {
         let poll = mio::Poll::new()?;
-        let waker = mio::Waker::new(poll.registry(), io::WAKER)?;
+        let waker = IoWaker::new(mio::Waker::new(poll.registry(), io::WAKER)?);
         let shared = Arc::new(Shared {
-            timer: TimerQueue::new(self.config.timer_tick),
+            timer: TimerTable::new(self.config.timer_tick),
             workers: WorkQueues::new(self.config.worker_queue, self.config.callback_queue),
             config: self.config,
             streamer: self.streamer,
             stats: Stats::default(),
             epoch: std::time::Instant::now(),
-            next_conn_id: crate::sync::AtomicU64::new(0),
+            lifecycle: Lifecycle::new(),
             commands: SegQueue::new(),
             waker,
-            io_awake: AtomicBool::new(true),
-            stopping: AtomicBool::new(false),
-            io_exited: AtomicBool::new(false),
-            workers_exited: AtomicBool::new(false),
         });
         let workers = workers::spawn(&shared, shared.config.workers)?;
         let io = {
@@ -375,8 +367,6 @@ impl TransportBuilder {
             inner: Arc::new(Inner {
                 shared,
                 threads: Mutex::new(Some(Threads { io, timer, workers })),
-                stopped: Mutex::new(false),
-                stopped_cond: Condvar::new(),
             }),
         })
     }
@@ -413,8 +403,6 @@ pub struct Transport {
 struct Inner {
     shared: Arc<Shared>,
     threads: Mutex<Option<Threads>>,
-    stopped: Mutex<bool>,
-    stopped_cond: Condvar,
 }
 
 struct Threads {
@@ -437,49 +425,6 @@ impl Transport {
         TransportBuilder::default()
     }
 
-    /// Accepts connections on `addr` (IPv4 or IPv6; port 0 picks one) and
-    /// hands their requests to `adaptor`, dispatched as the builder's
-    /// [`dispatch`](TransportBuilder::dispatch) says. Returns the bound
-    /// address.
-    ///
-    /// # Errors
-    /// [`Error::Io`] if the address cannot be bound, [`Error::Shutdown`] if
-    /// the transport stopped.
-    pub fn listen<A: ServerAdaptor>(
-        &self,
-        addr: SocketAddr,
-        adaptor: A,
-    ) -> Result<SocketAddr, Error> {
-        self.listen_with(addr, adaptor, self.inner.shared.config.dispatch)
-    }
-
-    /// Like [`listen`](Self::listen), choosing where this listener's requests
-    /// are handled.
-    ///
-    /// # Errors
-    /// As for [`listen`](Self::listen).
-    pub fn listen_with<A: ServerAdaptor>(
-        &self,
-        addr: SocketAddr,
-        adaptor: A,
-        dispatch: Dispatch,
-    ) -> Result<SocketAddr, Error> {
-        let shared = &self.inner.shared;
-        if shared.is_stopping() {
-            return Err(Error::Shutdown);
-        }
-        let listener = mio::net::TcpListener::bind(addr)?;
-        let local = listener.local_addr()?;
-        shared.command(Command::Listen(listener, Arc::new(adaptor), dispatch));
-        if shared.is_stopping() {
-            // `stop` began meanwhile: the IO thread may drop the listener
-            // unregistered, so do not report it as listening.
-            return Err(Error::Shutdown);
-        }
-        tracing::info!(%local, ?dispatch, "listening");
-        Ok(local)
-    }
-
     /// A copy of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         let mut snapshot = self.inner.shared.stats.snapshot();
@@ -499,15 +444,18 @@ impl Transport {
     /// Blocks until the transport is stopped (by [`stop`](Self::stop) on
     /// another handle or thread).
     pub fn wait(&self) {
-        let mut stopped = self.inner.stopped.lock();
-        while !*stopped {
-            stopped = self.inner.stopped_cond.wait(stopped);
-        }
+        self.inner.shared.lifecycle.wait();
     }
 
-    /// Whether [`stop`](Self::stop) was called.
+    /// Whether [`stop`](Self::stop) was called (the transport may still be
+    /// stopping: [`wait`](Self::wait) blocks until it is done).
     pub fn is_stopped(&self) -> bool {
         self.inner.shared.is_stopping()
+    }
+
+    /// The settings the transport started with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.shared.config
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -528,7 +476,7 @@ impl Inner {
             shared.workers.leave_busy();
         }
         let deadline = std::time::Instant::now() + shared.config.shutdown_grace;
-        shared.stopping.store(true, Ordering::SeqCst);
+        shared.lifecycle.begin_stop();
         workers::begin_stop(&shared.workers);
         shared.command(Command::Shutdown);
         // On the IO thread itself (stop called from an IO-thread handler) the
@@ -537,21 +485,18 @@ impl Inner {
         if join(threads.io, "IO") {
             shared.fail_commands();
         }
-        let mut readies = Vec::new();
         for conn in shared.timer.stop() {
-            conn.close(Error::Shutdown, &mut readies);
+            drop(conn.close(Error::Shutdown));
         }
-        readies.into_iter().for_each(|ready| shared.deliver(ready));
         let _ = join(threads.timer, "timer");
         workers::finish_stop(&shared.workers, threads.workers, deadline);
-        shared.workers_exited.store(true, Ordering::SeqCst);
+        shared.lifecycle.workers_exited();
         shared.workers.drop_requests();
         shared.workers.drain_callbacks();
         if on_worker {
             shared.workers.enter_busy();
         }
-        *self.stopped.lock() = true;
-        self.stopped_cond.notify_all();
+        shared.lifecycle.notify_stopped();
         tracing::info!("transport stopped");
     }
 }

@@ -16,18 +16,18 @@ use std::time::Instant;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
+use crate::packet::Packet;
 use crate::proto::Ready;
-use crate::server::{Responder, ServerAdaptor};
 use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
-use crate::Packet;
 
+use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
 
-/// A request for a server adaptor, handled on a worker.
+/// A request for a handler, run on a worker.
 pub(crate) struct Job {
-    pub(crate) adaptor: Arc<dyn ServerAdaptor>,
+    pub(crate) handler: Arc<dyn RequestHandler>,
     pub(crate) request: Packet,
-    pub(crate) responder: Responder,
+    pub(crate) reply: ReplyTo,
 }
 
 pub(crate) struct WorkQueues {
@@ -266,18 +266,13 @@ pub(crate) fn run_callback(ready: Ready) {
 
 fn run_job(job: Job) {
     let Job {
-        adaptor,
+        handler,
         request,
-        responder,
+        reply,
     } = job;
-    let peer = responder.peer();
-    let _span = super::io::request_span(&request, &responder).entered();
-    if catch_unwind(AssertUnwindSafe(|| {
-        adaptor.handle_packet(request, responder)
-    }))
-    .is_err()
-    {
-        tracing::error!(%peer, "a server adaptor panicked handling a request");
+    let peer = reply.conn().peer();
+    if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
+        tracing::error!(%peer, "a request handler panicked");
     }
 }
 

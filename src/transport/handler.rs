@@ -1,0 +1,112 @@
+//! What the transport asks of the layer above it, and nothing more: what to
+//! do with a request frame, with a connection's first bytes, and where to
+//! run it. The server API (`ServerAdaptor`, `Responder`, routers, the status
+//! page) is built on these; the transport knows none of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::SendError;
+use crate::packet::{ChannelId, Packet};
+
+use super::conn::Conn;
+use super::stats::StatsSnapshot;
+
+/// Where a listener's requests are handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// On the IO thread, as soon as decoded: the fastest path, for handlers
+    /// that never block.
+    IoThread,
+    /// On the worker pool, through a bounded queue; when it is full the IO
+    /// thread stops reading until there is room (TCP pushes back on clients).
+    #[default]
+    Workers,
+}
+
+/// Handles one request frame that arrived on a server connection.
+pub(crate) trait RequestHandler: Send + Sync + 'static {
+    /// Handles `request`; the answer (if any) goes through `reply`.
+    fn handle_request(&self, request: Packet, reply: ReplyTo);
+}
+
+/// What a listener's connection's first bytes are.
+pub(crate) enum Sniffed {
+    /// Not enough bytes to tell.
+    NeedMore,
+    /// tbnet frames: decode on.
+    Frames,
+    /// Another protocol, answered: send this and close.
+    Respond(Bytes),
+    /// Another protocol, malformed: close at once.
+    Reject(&'static str),
+}
+
+/// What a sniffer may look at besides the bytes.
+pub(crate) struct SniffContext<'a> {
+    /// The transport's counters, read only if asked for.
+    pub(crate) stats: &'a dyn Fn() -> StatsSnapshot,
+    /// Time since the transport started.
+    pub(crate) uptime: Duration,
+}
+
+/// Looks at a server connection's first bytes before any frame is decoded.
+pub(crate) trait Sniffer: Send + Sync + 'static {
+    fn sniff(&self, first_bytes: &[u8], context: &SniffContext<'_>) -> Sniffed;
+}
+
+/// Everything a listener's connections need from the layer above.
+pub(crate) struct Service {
+    pub(crate) handler: Arc<dyn RequestHandler>,
+    pub(crate) dispatch: Dispatch,
+    pub(crate) sniffer: Option<Arc<dyn Sniffer>>,
+}
+
+/// The way back for one request: the transport's half of a responder.
+///
+/// Ends exactly once, by [`send`](Self::send) or by being dropped; either
+/// way its connection counts the request as answered (a draining
+/// connection closes once every request it read is answered).
+pub(crate) struct ReplyTo {
+    conn: Arc<Conn>,
+    channel_id: ChannelId,
+    done: bool,
+}
+
+impl ReplyTo {
+    pub(crate) fn new(conn: Arc<Conn>, channel_id: ChannelId) -> Self {
+        ReplyTo {
+            conn,
+            channel_id,
+            done: false,
+        }
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    pub(crate) fn channel_id(&self) -> ChannelId {
+        self.channel_id
+    }
+
+    /// Queues `response` (its channel id already set) on the connection.
+    ///
+    /// # Errors
+    /// The packet handed back if the connection closed.
+    pub(crate) fn send(mut self, response: Packet) -> Result<(), SendError<Packet>> {
+        self.done = true;
+        self.conn.send_reply(response)
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.answered_without_reply();
+        }
+    }
+}
