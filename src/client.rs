@@ -13,8 +13,8 @@ use crate::completion::{
 use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
-use crate::sync::Mutex;
 use crate::proto::Side;
+use crate::sync::Mutex;
 use crate::transport::{Command, Conn, Rejected, Transport};
 
 /// Default limit of requests pending on one connection (tbnet's
@@ -40,10 +40,21 @@ pub enum WhileDown {
 
 /// Exponential backoff with jitter between reconnect attempts.
 ///
-/// After a connection is lost, the first reconnect is immediate. Each
-/// failed attempt in a row doubles the delay, from `initial` up to `max`,
-/// and each delay is drawn at random from its upper half, so many clients
-/// do not reconnect in lockstep. A successful connect resets it.
+/// A connection attempt *fails* when it ends before it proved healthy: the
+/// connect failed or timed out, or the connection closed (by the peer, a
+/// reset, or a bad frame) before any response arrived on it and within
+/// `grace` of opening. A connection *proved healthy* once a response
+/// arrived on it, or once it stayed open for `grace`.
+///
+/// - The delay grows with each failed attempt in a row: after `n` failures
+///   it is drawn at random from the upper half of `initial × 2^(n-1)`
+///   (capped at `max`), so many clients do not reconnect in lockstep.
+/// - It resets when a connection proved healthy: after losing such a
+///   connection the next one opens at once.
+///
+/// So a peer that accepts and closes at once (shedding load, a proxy with
+/// no backend) sees a handful of attempts per client, not thousands; while
+/// the delay runs, requests follow [`WhileDown`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     /// Delay after the first failed attempt (default 100 ms).
@@ -313,8 +324,13 @@ impl ConnectionManager {
     /// (`None`: the default), the loss of its connection, or shutdown.
     ///
     /// # Errors
-    /// [`Error::Timeout`], [`Error::Disconnected`], [`Error::Shutdown`], or
-    /// [`Error::QueueFull`] if the connection has too many requests pending.
+    /// [`Error::Timeout`]; [`Error::Disconnected`] (the connection closed,
+    /// or the server is in its reconnect backoff under
+    /// [`WhileDown::FailFast`]); [`Error::Shutdown`]; [`Error::QueueFull`]
+    /// (a queue limit, see its docs); [`Error::FrameTooLarge`] if the body
+    /// is over the streamer's limit; [`Error::Remote`] for an error reply;
+    /// [`Error::BadMessage`] for an error reply that does not decode;
+    /// [`Error::Io`] if the connection could not be set up.
     pub fn call(
         &self,
         server: impl Into<SocketAddr>,
@@ -332,9 +348,12 @@ impl ConnectionManager {
         }
     }
 
-    /// Sends `request`; `handler` runs once with the outcome, on a worker
-    /// thread of the transport (never on the IO or timeout thread, so a slow
-    /// callback delays only other callbacks).
+    /// Sends `request`; `handler` runs once with the outcome. By default it
+    /// runs on a worker thread of the transport, never on the IO or timeout
+    /// thread, so a slow callback delays only other callbacks. With
+    /// [`TransportBuilder::callbacks`](crate::TransportBuilder::callbacks)`(Dispatch::IoThread)`
+    /// callbacks for responses and disconnects run inline on the IO thread
+    /// (timeouts and shutdown still go to the workers).
     ///
     /// # Errors
     /// The request handed back if it could not be queued
@@ -608,7 +627,9 @@ impl ConnectionManager {
             self.backoff.grace,
         ));
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);
-        let mut stats = conns.get(&server).map_or_else(ServerStats::default, |slot| slot.stats);
+        let mut stats = conns
+            .get(&server)
+            .map_or_else(ServerStats::default, |slot| slot.stats);
         stats.connect_attempts += 1;
         conns.insert(
             server,

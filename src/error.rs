@@ -28,7 +28,13 @@ pub enum Error {
     /// `WaitObject`, or cancelled it); nobody is left to see this outcome
     /// but callbacks and counters.
     Cancelled,
-    /// The connection's queue of pending requests is at its limit.
+    /// A limit refused the request: the connection's pending requests are
+    /// at its queue limit
+    /// ([`with_queue_limit`](crate::ConnectionManager::with_queue_limit)),
+    /// its unwritten bytes are at
+    /// [`max_outbound`](crate::TransportBuilder::max_outbound), or (for
+    /// callbacks) the transport's queue of callbacks waiting to run is at
+    /// [`callback_queue`](crate::TransportBuilder::callback_queue).
     QueueFull,
     /// A frame announced a body longer than the configured maximum.
     FrameTooLarge {

@@ -377,7 +377,8 @@ mod sync;
 mod transport;
 
 pub use client::{
-    Backoff, ConnectionManager, ServerId, ServerStats, WhileDown, DEFAULT_QUEUE_LIMIT, DEFAULT_TIMEOUT,
+    Backoff, ConnectionManager, ServerId, ServerStats, WhileDown, DEFAULT_QUEUE_LIMIT,
+    DEFAULT_TIMEOUT,
 };
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
 pub use error::{Error, SendError};

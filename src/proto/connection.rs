@@ -447,7 +447,11 @@ mod tests {
         c.handle_input(b"x", t0 + 10 * MS);
         assert_eq!(c.deadline_to_arm(), None, "a later deadline waits");
         assert_eq!(c.handle_timeout(t0 + 100 * MS), None);
-        assert_eq!(c.deadline_to_arm(), Some(t0 + 110 * MS), "re-armed after firing");
+        assert_eq!(
+            c.deadline_to_arm(),
+            Some(t0 + 110 * MS),
+            "re-armed after firing"
+        );
     }
 
     #[test]

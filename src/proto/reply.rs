@@ -42,4 +42,3 @@ pub(crate) fn classify(response: Packet) -> Result<Packet, Error> {
     let message = String::from_utf8_lossy(&body).into();
     Err(Error::Remote { code, message })
 }
-

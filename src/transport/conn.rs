@@ -370,7 +370,10 @@ impl Conn {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
                 let id = response.channel_id();
-                match state.pool.finish(id, crate::proto::reply::classify(response)) {
+                match state
+                    .pool
+                    .finish(id, crate::proto::reply::classify(response))
+                {
                     Some(ready) => buffer.push(ready),
                     None => late += 1,
                 }
@@ -401,7 +404,8 @@ impl Conn {
             }
             state.pool.expire(now, &mut expired);
             if let Some(next) = state.pool.next_deadline() {
-                state.requests_timer = (self.shared.timer).insert(next, Kind::Requests, self.clone());
+                state.requests_timer =
+                    (self.shared.timer).insert(next, Kind::Requests, self.clone());
             }
         }
         let outcomes = Outcomes::new(&self.shared, expired);
@@ -430,8 +434,8 @@ impl Conn {
             let now = Instant::now();
             state.closed_at = Some(now);
             if self.side == Side::Client {
-                let proved = state.responded
-                    || state.opened_at.is_some_and(|at| now - at >= self.grace);
+                let proved =
+                    state.responded || state.opened_at.is_some_and(|at| now - at >= self.grace);
                 state.ended_early = !proved;
             }
             state.status = Status::Closed(request_error.clone());

@@ -414,8 +414,7 @@ impl IoLoop {
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.
         if let Some(c) = self.conn_mut(token) {
-            if c.conn.flush_pending() || c.state.unwritten() > 0 || c.state.poll_close().is_some()
-            {
+            if c.conn.flush_pending() || c.state.unwritten() > 0 || c.state.poll_close().is_some() {
                 self.write(token);
             }
         }
@@ -511,8 +510,9 @@ impl IoLoop {
             Side::Client => {
                 let decoded = decode_responses(shared, c, responses)?;
                 if !responses.is_empty() {
-                    let outcomes =
-                        c.conn.complete_responses(responses, std::mem::take(completed));
+                    let outcomes = c
+                        .conn
+                        .complete_responses(responses, std::mem::take(completed));
                     *completed = outcomes.deliver();
                 }
                 shared.stats.packets_in(decoded);
@@ -607,7 +607,10 @@ impl IoLoop {
             self.close(token, close_error(reason));
             return;
         }
-        match (held_for_output, c.state.hold() == Some(Hold::PeerNotReading)) {
+        match (
+            held_for_output,
+            c.state.hold() == Some(Hold::PeerNotReading),
+        ) {
             (false, true) => {
                 tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
             }

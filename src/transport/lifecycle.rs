@@ -53,7 +53,12 @@ impl Lifecycle {
     fn advance(&self, phase: Phase) {
         let mut current = self.phase.load(Ordering::SeqCst);
         while current < phase as usize {
-            match (self.phase).compare_exchange(current, phase as usize, Ordering::SeqCst, Ordering::SeqCst) {
+            match (self.phase).compare_exchange(
+                current,
+                phase as usize,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => return,
                 Err(now) => current = now,
             }

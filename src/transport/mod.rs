@@ -99,6 +99,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The shared state of a transport about to start, and the poller its
+    /// IO thread will own (no thread is started here).
+    pub(crate) fn new(builder: TransportBuilder) -> Result<(Shared, mio::Poll), Error> {
+        let poll = mio::Poll::new()?;
+        let waker = IoWaker::new(mio::Waker::new(poll.registry(), io::WAKER)?);
+        let config = builder.config;
+        let shared = Shared {
+            timer: TimerTable::new(config.timer_tick),
+            workers: WorkQueues::new(config.worker_queue, config.callback_queue),
+            config,
+            streamer: builder.streamer,
+            stats: Stats::default(),
+            epoch: std::time::Instant::now(),
+            lifecycle: Lifecycle::new(),
+            commands: SegQueue::new(),
+            waker,
+        };
+        Ok((shared, poll))
+    }
+
     /// Hands `command` to the IO thread, waking it if it sleeps.
     pub(crate) fn command(&self, command: Command) {
         self.commands.push(command);
@@ -337,19 +357,8 @@ impl TransportBuilder {
     /// # Errors
     /// [`Error::Io`] if the poller or a thread cannot be created.
     pub fn start(self) -> Result<Transport, Error> {
-        let poll = mio::Poll::new()?;
-        let waker = IoWaker::new(mio::Waker::new(poll.registry(), io::WAKER)?);
-        let shared = Arc::new(Shared {
-            timer: TimerTable::new(self.config.timer_tick),
-            workers: WorkQueues::new(self.config.worker_queue, self.config.callback_queue),
-            config: self.config,
-            streamer: self.streamer,
-            stats: Stats::default(),
-            epoch: std::time::Instant::now(),
-            lifecycle: Lifecycle::new(),
-            commands: SegQueue::new(),
-            waker,
-        });
+        let (shared, poll) = Shared::new(self)?;
+        let shared = Arc::new(shared);
         let workers = workers::spawn(&shared, shared.config.workers)?;
         let io = {
             let shared = shared.clone();

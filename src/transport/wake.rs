@@ -100,7 +100,11 @@ mod loom_tests {
             let sleeps = waker.may_sleep(|| !queued.load(Ordering::SeqCst));
             sender.join().unwrap();
             if sleeps {
-                assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "slept with a command queued and no wakeup");
+                assert_eq!(
+                    wakes.0.load(Ordering::SeqCst),
+                    1,
+                    "slept with a command queued and no wakeup"
+                );
                 waker.awake();
             }
             assert!(queued.load(Ordering::SeqCst));

@@ -9,7 +9,6 @@
 //! one only when someone sleeps.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::fence;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -18,7 +17,7 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 
 use crate::packet::Packet;
 use crate::proto::Ready;
-use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
 
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};

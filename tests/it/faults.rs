@@ -1,7 +1,7 @@
 //! Faults: dead servers, refused connections, reconnect with backoff, idle
 //! and half-open peers, a full worker queue, shutdown with work in flight.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,15 +62,16 @@ pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
     )
 }
 
-/// A loopback address nobody listens on (bound, then released).
-fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind(loopback()).unwrap();
-    listener.local_addr().unwrap()
-}
-
 #[test]
 fn killing_the_server_process_ends_every_pending_call() {
-    let (mut child, addr) = spawn_echo_server(2);
+    // Held past the kill, so a reconnect finds the port refusing rather than
+    // another test's server that the OS gave it to.
+    let port = reserve_port();
+    let (mut child, addr) = spawn_listening(
+        "echo_server",
+        &["--addr", &port.addr().to_string(), "--workers", "2"],
+    );
+    assert_eq!(addr, port.addr());
     let client = transport();
     let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(100_000));
     // Warm up: the connection is open and the server answers.
@@ -101,9 +102,7 @@ fn killing_the_server_process_ends_every_pending_call() {
     }
     child.wait().unwrap();
     assert!(accepted > sent / 10);
-    let ended = wait_until(WAIT_LIMIT, || {
-        recorder.calls()[..accepted].iter().all(|&n| n == 1)
-    });
+    let ended = recorder.wait_calls(|calls| calls[..accepted].iter().all(|&n| n == 1));
     assert!(ended, "every accepted request ended once");
     let results: Vec<Result<Packet, Error>> = recorder.results_of(accepted);
     let failed = results.iter().filter(|r| r.is_err()).count();
@@ -118,15 +117,19 @@ fn killing_the_server_process_ends_every_pending_call() {
     assert!(recorder.calls()[..accepted].iter().all(|&n| n == 1));
     assert!(recorder.calls()[accepted..].iter().all(|&n| n == 0));
     stop(&client);
+    drop(port);
 }
 
 #[test]
 fn a_refused_connection_fails_fast_and_backs_off() {
-    let addr = closed_port();
+    // Nobody listens on it, and nobody else can while it is held.
+    let closed = reserve_port();
+    let addr = closed.addr();
     let client = transport();
     let manager = ConnectionManager::new(&client).with_backoff(Backoff {
         initial: Duration::from_secs(60),
         max: Duration::from_secs(60),
+        ..Backoff::default()
     });
     let first = within("a call to a closed port", {
         let client = client.clone();
@@ -149,59 +152,61 @@ fn a_refused_connection_fails_fast_and_backs_off() {
     }
     assert_eq!(client.stats().connections_total, attempts);
     stop(&client);
+    drop(closed);
 }
 
 #[test]
 fn queued_requests_wait_for_the_delayed_reconnect() {
-    let listener = TcpListener::bind(loopback()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let port = reserve_port();
+    let addr = port.addr();
     let client = transport();
     let manager = ConnectionManager::new(&client)
         .with_backoff(Backoff {
             initial: Duration::from_millis(300),
             max: Duration::from_millis(300),
+            ..Backoff::default()
         })
         .with_while_down(WhileDown::Queue);
     assert!(manager
         .call(addr, Packet::new(1, "x"), Some(NEVER))
         .is_err());
 
-    // The server comes back on the same port; the queued call rides the
+    // The server comes (back) up on the port; the queued call rides the
     // delayed reconnect.
-    let server = transport();
-    let bound = wait_until(WAIT_LIMIT, || server.listen(addr, echo).is_ok());
-    assert!(bound, "could not listen on {addr} again");
+    let server = echo_server_on(addr);
     let response = manager
         .call(addr, Packet::new(1, "queued"), Some(NEVER))
         .unwrap();
     assert_eq!(response.body(), "queued");
     stop(&client);
-    stop(&server);
+    stop(&server.transport);
+    drop(port);
 }
 
 #[test]
 fn reconnecting_never_sees_the_dead_connections_partial_input() {
-    let (addr, first) = raw_server(|mut stream| {
+    let port = reserve_port();
+    let (addr, first) = raw_server_on(port.addr(), |mut stream| {
         let request = read_frame(&mut stream).unwrap();
         // Half a response, then the connection dies.
         let full = frame(request.chid, 1, b"never finished");
         send_bytes(&mut stream, &full[..20]);
     });
     let client = transport();
-    let manager = ConnectionManager::new(&client);
+    let manager = ConnectionManager::new(&client).with_backoff(healthy_once_open());
     let cut = manager.call(addr, Packet::new(1, "a"), Some(NEVER));
     assert!(matches!(cut, Err(Error::Disconnected)), "{cut:?}");
+    // The raw server's listener closed with it; a new server takes the port.
     first.join().unwrap();
 
-    let server = transport();
-    assert!(wait_until(WAIT_LIMIT, || server.listen(addr, echo).is_ok()));
+    let server = echo_server_on(addr);
     let response = manager
         .call(addr, Packet::new(1, "fresh"), Some(NEVER))
         .unwrap();
     assert_eq!(response.body(), "fresh");
     stop(&client);
-    stop(&server);
+    stop(&server.transport);
+    drop(port);
 }
 
 #[test]
@@ -319,4 +324,14 @@ fn replies_produced_during_shutdown_are_flushed_within_the_grace_period() {
     });
     assert_eq!(response.unwrap().body(), "last words");
     stop(&client);
+}
+
+/// A backoff under which an open connection counts as healthy at once
+/// (no grace): these tests are about a connection lost after it was in
+/// use, which reconnects at once, not about early closes.
+fn healthy_once_open() -> Backoff {
+    Backoff {
+        grace: std::time::Duration::ZERO,
+        ..Backoff::default()
+    }
 }

@@ -1,24 +1,26 @@
 //! Losing a server: pending requests fail with `Disconnected`, and the next
 //! request opens a new connection.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
-use tbnet::{Backoff, ConnectionManager, Error, Packet, Transport, WhileDown};
+use tbnet::{Backoff, ConnectionManager, Error, Packet, WhileDown};
 
 use crate::support::{
-    echo, echo_server, frame, loopback, one_request_each_way, read_frame, send_bytes, stop,
-    transport, within, SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT, WAIT_LIMIT,
+    echo_server, echo_server_on, frame, loopback, one_request_each_way, read_frame, reserve_port,
+    send_bytes, stop, transport, within, SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT,
 };
 
 #[test]
 fn pending_calls_fail_when_the_server_stops_and_later_calls_reconnect() {
-    let first = SilentServer::start();
-    let addr = first.addr;
+    // Held across both servers, so the second gets the first one's port.
+    let port = reserve_port();
+    let addr = port.addr();
+    let first = SilentServer::start_on(addr);
     let client_transport = transport();
-    let client = Arc::new(ConnectionManager::new(&client_transport));
+    let client =
+        Arc::new(ConnectionManager::new(&client_transport).with_backoff(healthy_once_open()));
 
     let (recorder, future, blocking) = one_request_each_way(&client, addr);
     first.wait_received(3);
@@ -35,12 +37,15 @@ fn pending_calls_fail_when_the_server_stops_and_later_calls_reconnect() {
 
     // A connection that was open and got lost is retried at once.
 
-    let second = listen_again(addr);
+    let second = echo_server_on(addr);
     let response = client.call(addr, Packet::new(1, "again"), Some(NEVER));
     assert_eq!(response.expect("served by the new server").body(), "again");
     assert_eq!(client.connections(), 1);
     assert_eq!(client_transport.stats().connections_total, 2);
-    assert_eq!(second.stats().packets_in, 1);
+    assert_eq!(second.transport.stats().packets_in, 1);
+    stop(&client_transport);
+    stop(&second.transport);
+    drop(port);
 }
 
 #[test]
@@ -61,7 +66,7 @@ fn a_call_after_the_server_dropped_the_connection_opens_a_new_one() {
         let _ = read_frame(&mut stream); // until the client closes
     });
     let client_transport = transport();
-    let client = ConnectionManager::new(&client_transport);
+    let client = ConnectionManager::new(&client_transport).with_backoff(healthy_once_open());
 
     let first = client.call(addr, Packet::new(1, "one"), Some(NEVER));
     assert!(matches!(first, Err(Error::Disconnected)), "{first:?}");
@@ -75,11 +80,14 @@ fn a_call_after_the_server_dropped_the_connection_opens_a_new_one() {
 
 #[test]
 fn while_down_requests_fail_fast_during_the_backoff_without_connecting() {
-    let addr = dead_address();
+    // Refuses connections: nobody listens on it while it is held.
+    let dead = reserve_port();
+    let addr = dead.addr();
     let client_transport = transport();
     let client = ConnectionManager::new(&client_transport).with_backoff(Backoff {
         initial: NEVER,
         max: NEVER,
+        ..Backoff::default()
     });
 
     let refused = client.call(addr, Packet::new(1, "refused"), Some(NEVER));
@@ -94,15 +102,20 @@ fn while_down_requests_fail_fast_during_the_backoff_without_connecting() {
         attempts,
         "no connect attempt during the backoff"
     );
+    stop(&client_transport);
+    drop(dead);
 }
 
 #[test]
 fn while_down_queue_waits_out_the_backoff_then_connects() {
-    let addr = dead_address();
+    // Refuses connections until a server listens on it.
+    let port = reserve_port();
+    let addr = port.addr();
     let client_transport = transport();
     let backoff = Backoff {
         initial: SHORT_TIMEOUT,
         max: SHORT_TIMEOUT,
+        ..Backoff::default()
     };
     let client = ConnectionManager::new(&client_transport)
         .with_backoff(backoff)
@@ -110,36 +123,13 @@ fn while_down_queue_waits_out_the_backoff_then_connects() {
 
     let refused = client.call(addr, Packet::new(1, "refused"), Some(NEVER));
     assert!(matches!(refused, Err(Error::Disconnected)), "{refused:?}");
-    let _server = listen_again(addr);
+    let server = echo_server_on(addr);
     // Queued on a connection that starts connecting when the backoff ends.
     let response = client.call(addr, Packet::new(1, "queued"), Some(NEVER));
     assert_eq!(response.expect("served after the backoff").body(), "queued");
-}
-
-/// An address that refuses connections: a server's, after it stopped.
-fn dead_address() -> SocketAddr {
-    let server = echo_server();
+    stop(&client_transport);
     stop(&server.transport);
-    server.addr
-}
-
-/// An echo server on `addr`, retrying while the port is still held (bounded).
-fn listen_again(addr: SocketAddr) -> Transport {
-    let server = transport();
-    let deadline = Instant::now() + WAIT_LIMIT;
-    loop {
-        match server.listen(addr, echo) {
-            Ok(bound) => {
-                assert_eq!(bound, addr);
-                return server;
-            }
-            Err(_) if Instant::now() < deadline => {
-                // A back-off between bind attempts, not synchronisation.
-                thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("could not listen on {addr} again: {e}"),
-        }
-    }
+    drop(port);
 }
 
 #[test]
@@ -157,4 +147,14 @@ fn connections_are_reused_per_server() {
     assert_eq!(client.connections(), 2);
     assert_eq!(a.transport.stats().connections, 1);
     assert_eq!(client_transport.stats().connections_total, 2);
+}
+
+/// A backoff under which an open connection counts as healthy at once
+/// (no grace): these tests are about a connection lost after it was in
+/// use, which reconnects at once, not about early closes.
+fn healthy_once_open() -> Backoff {
+    Backoff {
+        grace: std::time::Duration::ZERO,
+        ..Backoff::default()
+    }
 }

@@ -34,23 +34,41 @@ impl Rng {
     }
 }
 
-/// Every request's outcome count, indexed by request number.
+/// How every request ended, one byte per request number: how many times
+/// (the [`TIMES`] bits, saturating) and how (an outcome bit per way it ended).
+/// One atomic update writes both, so a request is never seen ended without
+/// its outcome.
 struct Ledger {
     ended: Vec<AtomicU8>,
     issued: AtomicU64,
-    ok: AtomicU64,
-    failed: AtomicU64,
-    mismatched: AtomicU64,
 }
+
+const TIMES: u8 = 0x0F;
+const OK: u8 = 0x10;
+const FAILED: u8 = 0x20;
+const MISMATCHED: u8 = 0x40;
 
 impl Ledger {
     fn end(&self, id: usize, expected: &[u8], result: Result<Packet, Error>) {
-        self.ended[id].fetch_add(1, Ordering::SeqCst);
-        match result {
-            Ok(p) if p.body() == expected => self.ok.fetch_add(1, Ordering::Relaxed),
-            Ok(_) => self.mismatched.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        let outcome = match result {
+            Ok(p) if p.body() == expected => OK,
+            Ok(_) => MISMATCHED,
+            Err(_) => FAILED,
         };
+        let update = |slot: u8| Some((slot & !TIMES) | outcome | ((slot & TIMES) + 1).min(TIMES));
+        let _ = self.ended[id].fetch_update(Ordering::SeqCst, Ordering::SeqCst, update);
+    }
+
+    /// How many times request `id` ended.
+    fn times(&self, id: usize) -> u8 {
+        self.ended[id].load(Ordering::SeqCst) & TIMES
+    }
+
+    /// How many of the first `n` requests ended exactly once, with `outcome`.
+    fn ended_once_with(&self, n: usize, outcome: u8) -> u64 {
+        (self.ended[..n].iter())
+            .filter(|slot| slot.load(Ordering::SeqCst) == 1 | outcome)
+            .count() as u64
     }
 }
 
@@ -67,18 +85,17 @@ fn chaotic(late: Arc<Mutex<Vec<(Packet, Responder)>>>) -> impl Fn(Packet, Respon
     }
 }
 
+/// A chaotic server on `addr`, a [`ReservedPort`]'s: the previous server
+/// stopped, so its listener is closed, and the reservation kept the port.
 fn start_server(addr: SocketAddr, late: &Arc<Mutex<Vec<(Packet, Responder)>>>) -> Transport {
     let server = Transport::builder()
         .workers(2)
         .shutdown_grace(Duration::from_millis(50))
         .start()
         .unwrap();
-    assert!(
-        wait_until(WAIT_LIMIT, || server
-            .listen(addr, chaotic(late.clone()))
-            .is_ok()),
-        "could not listen on {addr}"
-    );
+    let bound = (server.listen(addr, chaotic(late.clone())))
+        .unwrap_or_else(|e| panic!("could not listen on {addr}: {e}"));
+    assert_eq!(bound, addr);
     server
 }
 
@@ -93,14 +110,10 @@ fn soak_chaos_every_request_ends_exactly_once() {
     let ledger = Arc::new(Ledger {
         ended: (0..max_requests).map(|_| AtomicU8::new(0)).collect(),
         issued: AtomicU64::new(0),
-        ok: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        mismatched: AtomicU64::new(0),
     });
-    let addr = {
-        let probe = std::net::TcpListener::bind(loopback()).unwrap();
-        probe.local_addr().unwrap()
-    };
+    // Every restarted server listens on this port.
+    let port = reserve_port();
+    let addr = port.addr();
     let late = Arc::new(Mutex::new(Vec::new()));
     let server = Arc::new(Mutex::new(start_server(addr, &late)));
     let client = Transport::builder().workers(2).start().unwrap();
@@ -110,6 +123,7 @@ fn soak_chaos_every_request_ends_exactly_once() {
             .with_backoff(Backoff {
                 initial: Duration::from_millis(5),
                 max: Duration::from_millis(50),
+                ..Backoff::default()
             }),
     );
     // Touch every ledger page now, so its memory counts from the start.
@@ -267,22 +281,19 @@ fn soak_chaos_every_request_ends_exactly_once() {
 
     // Callbacks still pending end by their deadlines (at most 250 ms).
     let issued = ledger.issued.load(Ordering::SeqCst) as usize;
-    let all_ended = wait_until(WAIT_LIMIT, || {
-        (0..issued).all(|i| ledger.ended[i].load(Ordering::SeqCst) >= 1)
-    });
-    let twice = (0..issued)
-        .filter(|&i| ledger.ended[i].load(Ordering::SeqCst) > 1)
-        .count();
-    let never = (0..issued)
-        .filter(|&i| ledger.ended[i].load(Ordering::SeqCst) == 0)
-        .count();
+    let all_ended = wait_until(WAIT_LIMIT, || (0..issued).all(|i| ledger.times(i) >= 1));
+    let twice = (0..issued).filter(|&i| ledger.times(i) > 1).count();
+    let never = (0..issued).filter(|&i| ledger.times(i) == 0).count();
     stop(&client);
     stop(&server.lock().unwrap());
+    drop(port);
     let rss_end = resident_bytes().unwrap_or(0);
     let fds_end = open_fds();
-    let ok = ledger.ok.load(Ordering::SeqCst);
-    let failed = ledger.failed.load(Ordering::SeqCst);
-    let mismatched = ledger.mismatched.load(Ordering::SeqCst);
+    let ok = ledger.ended_once_with(issued, OK);
+    let failed = ledger.ended_once_with(issued, FAILED);
+    let mismatched = (ledger.ended[..issued].iter())
+        .filter(|slot| slot.load(Ordering::SeqCst) & MISMATCHED != 0)
+        .count();
     println!(
         "soak {secs}s: {issued} requests, {ok} ok, {failed} failed ({refused} refused or disconnected), \
          {mismatched} mismatched, {restarts} server restarts, rss {} -> {} MiB, fds {fds_start} -> {fds_end}",

@@ -10,7 +10,6 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -36,6 +35,47 @@ pub const FLAG: u32 = 0x416E_4574;
 /// The address every server binds: loopback, port chosen by the OS.
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A loopback port held for one test: connecting to it is refused while no
+/// server listens on it, and servers may listen on it, stop, and listen on it
+/// again.
+///
+/// It is a socket bound with `SO_REUSEADDR` that never listens. While it
+/// lives the OS hands the port to nobody else (binding port 0 skips bound
+/// ports), yet a listener that also sets `SO_REUSEADDR`, as mio's (so
+/// `Transport::listen`'s) and std's do on Unix, may bind it too: Linux
+/// refuses to share a port only with a socket that listens on it. Releasing
+/// a port and binding it again later instead would race with parallel tests
+/// that get it from the OS meanwhile.
+pub struct ReservedPort {
+    addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl ReservedPort {
+    /// The reserved address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Reserves a loopback port chosen by the OS for as long as the result lives.
+pub fn reserve_port() -> ReservedPort {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .expect("a socket to reserve a port");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&loopback().into())
+        .expect("bind a reserved port");
+    let addr = (socket.local_addr().ok())
+        .and_then(|addr| addr.as_socket())
+        .expect("the reserved address");
+    ReservedPort {
+        addr,
+        _socket: socket,
+    }
 }
 
 /// Polls `condition` every few milliseconds until it holds (true) or `limit`
@@ -96,9 +136,21 @@ pub struct Server {
 
 /// A server that answers every request with its own packet code and body.
 pub fn echo_server() -> Server {
+    echo_server_on(loopback())
+}
+
+/// An echo server listening on `addr` (a [`ReservedPort`]'s, or
+/// [`loopback`]).
+pub fn echo_server_on(addr: SocketAddr) -> Server {
     let transport = transport();
-    let addr = transport.listen(loopback(), echo).expect("listen");
-    Server { transport, addr }
+    let bound = transport.listen(addr, echo).expect("listen");
+    if addr.port() != 0 {
+        assert_eq!(bound, addr);
+    }
+    Server {
+        transport,
+        addr: bound,
+    }
 }
 
 /// A server that never replies: it keeps every request with its responder,
@@ -106,36 +158,50 @@ pub fn echo_server() -> Server {
 pub struct SilentServer {
     pub transport: Transport,
     pub addr: SocketAddr,
-    held: Arc<Mutex<Vec<(Packet, Responder)>>>,
-    received: Arc<AtomicUsize>,
+    held: Arc<Mutex<Held>>,
+}
+
+/// What a [`SilentServer`] received, counted and kept under one lock, so a
+/// count never runs ahead of the requests it counts.
+#[derive(Default)]
+struct Held {
+    requests: Vec<(Packet, Responder)>,
+    received: usize,
 }
 
 impl SilentServer {
     pub fn start() -> Self {
+        Self::start_on(loopback())
+    }
+
+    /// A silent server listening on `addr` (a [`ReservedPort`]'s, or
+    /// [`loopback`]).
+    pub fn start_on(addr: SocketAddr) -> Self {
         let transport = transport();
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let received = Arc::new(AtomicUsize::new(0));
-        let addr = {
+        let held = Arc::new(Mutex::new(Held::default()));
+        let bound = {
             let held = held.clone();
-            let received = received.clone();
             transport
-                .listen(loopback(), move |request: Packet, responder: Responder| {
-                    held.lock().unwrap().push((request, responder));
-                    received.fetch_add(1, Ordering::SeqCst);
+                .listen(addr, move |request: Packet, responder: Responder| {
+                    let mut held = held.lock().unwrap();
+                    held.requests.push((request, responder));
+                    held.received += 1;
                 })
                 .expect("listen")
         };
+        if addr.port() != 0 {
+            assert_eq!(bound, addr);
+        }
         SilentServer {
             transport,
-            addr,
+            addr: bound,
             held,
-            received,
         }
     }
 
     /// Requests received so far.
     pub fn received(&self) -> usize {
-        self.received.load(Ordering::SeqCst)
+        self.held.lock().unwrap().received
     }
 
     /// Waits until `n` requests arrived; fails the test if they do not.
@@ -149,7 +215,7 @@ impl SilentServer {
 
     /// Takes the requests held so far, in arrival order.
     pub fn take(&self) -> Vec<(Packet, Responder)> {
-        std::mem::take(&mut *self.held.lock().unwrap())
+        std::mem::take(&mut self.held.lock().unwrap().requests)
     }
 }
 
@@ -162,15 +228,25 @@ pub fn echo(request: Packet, responder: Responder) {
 /// Counts and keeps the outcomes delivered to callbacks, one slot per
 /// request.
 pub struct Recorder {
-    calls: Vec<AtomicUsize>,
-    results: Mutex<Vec<Option<Result<Packet, Error>>>>,
+    slots: Mutex<Slots>,
+    changed: Condvar,
+}
+
+/// Per slot, how many times its callback ran and the last outcome. One lock
+/// covers both, so a count is never seen without its outcome.
+struct Slots {
+    calls: Vec<usize>,
+    results: Vec<Option<Result<Packet, Error>>>,
 }
 
 impl Recorder {
     pub fn new(requests: usize) -> Arc<Self> {
         Arc::new(Recorder {
-            calls: (0..requests).map(|_| AtomicUsize::new(0)).collect(),
-            results: Mutex::new(vec![None; requests]),
+            slots: Mutex::new(Slots {
+                calls: vec![0; requests],
+                results: vec![None; requests],
+            }),
+            changed: Condvar::new(),
         })
     }
 
@@ -178,28 +254,45 @@ impl Recorder {
     pub fn handler(self: &Arc<Self>, index: usize) -> impl FnOnce(Result<Packet, Error>) + Send {
         let recorder = self.clone();
         move |result| {
-            recorder.calls[index].fetch_add(1, Ordering::SeqCst);
-            recorder.results.lock().unwrap()[index] = Some(result);
+            let mut slots = recorder.slots.lock().unwrap();
+            slots.calls[index] += 1;
+            slots.results[index] = Some(result);
+            drop(slots);
+            recorder.changed.notify_all();
         }
     }
 
     /// How many times each slot's callback ran.
     pub fn calls(&self) -> Vec<usize> {
-        self.calls
-            .iter()
-            .map(|c| c.load(Ordering::SeqCst))
-            .collect()
+        self.slots.lock().unwrap().calls.clone()
     }
 
     /// How many callbacks ran, in all.
     pub fn total_calls(&self) -> usize {
-        self.calls().iter().sum()
+        self.slots.lock().unwrap().calls.iter().sum()
+    }
+
+    /// Waits until `condition` holds for the call counts (true) or
+    /// [`WAIT_LIMIT`] passes (false).
+    pub fn wait_calls(&self, mut condition: impl FnMut(&[usize]) -> bool) -> bool {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        let mut slots = self.slots.lock().unwrap();
+        loop {
+            if condition(&slots.calls) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            slots = self.changed.wait_timeout(slots, deadline - now).unwrap().0;
+        }
     }
 
     /// Waits until every callback ran; fails the test if one does not.
     pub fn wait_all_called(&self) {
         assert!(
-            wait_until(WAIT_LIMIT, || self.calls().iter().all(|&n| n > 0)),
+            self.wait_calls(|calls| calls.iter().all(|&n| n > 0)),
             "callbacks ran {:?} times",
             self.calls()
         );
@@ -207,18 +300,16 @@ impl Recorder {
 
     /// The recorded outcomes of the first `n` slots.
     pub fn results_of(&self, n: usize) -> Vec<Result<Packet, Error>> {
-        let results = self.results.lock().unwrap();
-        (results[..n].iter())
+        let slots = self.slots.lock().unwrap();
+        (slots.results[..n].iter())
             .map(|r| r.clone().expect("every callback ran"))
             .collect()
     }
 
     /// The recorded outcomes, by slot.
     pub fn results(&self) -> Vec<Result<Packet, Error>> {
-        let results = self.results.lock().unwrap();
-        (results.iter())
-            .map(|r| r.clone().expect("every callback ran"))
-            .collect()
+        let n = self.slots.lock().unwrap().results.len();
+        self.results_of(n)
     }
 }
 
@@ -292,7 +383,17 @@ where
     T: Send + 'static,
     F: FnOnce(TcpStream) -> T + Send + 'static,
 {
-    let listener = TcpListener::bind(loopback()).expect("bind a raw server");
+    raw_server_on(loopback(), serve)
+}
+
+/// Like [`raw_server`], listening on `addr` (a [`ReservedPort`]'s, or
+/// [`loopback`]); the listener closes when `serve` returns.
+pub fn raw_server_on<T, F>(addr: SocketAddr, serve: F) -> (SocketAddr, JoinHandle<T>)
+where
+    T: Send + 'static,
+    F: FnOnce(TcpStream) -> T + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).expect("bind a raw server");
     let addr = listener.local_addr().expect("raw server address");
     let handle = thread::spawn(move || {
         let (stream, _) = listener.accept().expect("accept");
@@ -395,7 +496,12 @@ pub fn gather_reversed(
     }
     server.wait_received(n);
     let mut held = server.take();
-    held.sort_by_key(|(request, _)| request.body().clone());
+    // By the number, not the text: "10" sorts before "2".
+    held.sort_by_key(|(request, _)| {
+        let body = std::str::from_utf8(request.body()).expect("a text body");
+        let (_, index) = body.rsplit_once('-').expect("a body \"{prefix}-{i}\"");
+        index.parse::<usize>().expect("a numeric index")
+    });
     for (request, responder) in held.into_iter().rev() {
         responder
             .reply(request.reply(request.body().clone()))
