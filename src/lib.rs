@@ -217,11 +217,37 @@
 //! - Only `tbnet-io` touches sockets. Other threads queue frames on a
 //!   connection and wake it through one `mio::Waker`, and only when it is
 //!   asleep: while it works, wakeups are free.
-//! - `tbnet-timer` expires requests and connect attempts. It visits only
-//!   connections with something due.
-//! - Workers run server adaptors ([`Dispatch::Workers`]) and *every* client
-//!   callback. Blocking waits and futures are woken from whichever thread
-//!   ended the request (IO or timer).
+//! - `tbnet-timer` keeps one table of every deadline (requests, connect,
+//!   idle, delayed reconnects) and sleeps until the earliest. It expires
+//!   requests itself and hands connection deadlines to the IO thread.
+//! - Workers run server adaptors ([`Dispatch::Workers`]) and client
+//!   callbacks (unless [`TransportBuilder::callbacks`] runs them inline).
+//!   Blocking waits and futures are woken from whichever thread ended the
+//!   request (IO or timer).
+//!
+//! # Layout
+//!
+//! Layers point one way, from user to used; nothing points back up:
+//!
+//! ```text
+//! proto        sans-IO: frames, decoder, write queue, ChannelPool, the
+//!              error-reply convention, and proto::Connection, the
+//!              per-connection state machine (phase, why it is not reading,
+//!              its deadlines; bytes, ids and Instants in, decisions out)
+//!   ← completion   callback / WaitObject / ResponseFuture
+//!   ← transport    mio IO thread, timer table and thread, workers, the
+//!                  byte-stream seam, lifecycle; its own small handler
+//!                  interface (a request frame, a connection's first bytes)
+//!   ← server, router, message, status, client   the APIs users see
+//! ```
+//!
+//! Where to look: a frame is parsed in `proto/framer.rs` and
+//! `proto/streamer.rs`; what a connection does next is decided in
+//! `proto/connection.rs`; every timeout is registered in
+//! `transport/timer.rs`; requests end in `transport/conn.rs` and are
+//! delivered by `transport/outcomes.rs`; the transport's phase is
+//! `transport/lifecycle.rs`; the status page is a first-bytes sniffer that
+//! `server.rs` plugs into its listeners from `status.rs`.
 //!
 //! # The pure core
 //!
