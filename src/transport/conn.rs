@@ -53,6 +53,10 @@ pub(crate) struct ConnState {
     /// The IO thread is decoding this connection's input: replies made
     /// meanwhile need no flush request, it takes them when the batch ends.
     in_batch: bool,
+    /// The peer ended its sending side: every answer may be the last one
+    /// the connection waits for, so even a dropped request wakes the IO
+    /// thread.
+    draining: bool,
 }
 
 /// A submission the connection refused, with everything handed back.
@@ -102,6 +106,7 @@ impl Conn {
                 reconnect_timer: None,
                 answered: 0,
                 in_batch: false,
+                draining: false,
             }),
             flush_scheduled: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
@@ -266,7 +271,7 @@ impl Conn {
         let flush = {
             let mut state = self.state.lock();
             state.answered += 1;
-            !state.in_batch && !matches!(state.status, Status::Closed(_))
+            state.draining && !state.in_batch && !matches!(state.status, Status::Closed(_))
         };
         // The IO thread looks at the count when it flushes: a draining
         // connection may be done now.
@@ -307,6 +312,19 @@ impl Conn {
         Ok(())
     }
 
+    /// IO thread: the peer ended its sending side. Moves queued replies
+    /// into `into` and returns how many requests were answered in all (the
+    /// count and the replies it covers are taken together, so a request
+    /// never counts as answered while its reply is left behind). From now
+    /// on every answer wakes the IO thread.
+    pub(crate) fn set_draining(&self, into: &mut WriteQueue) -> u64 {
+        let mut state = self.state.lock();
+        state.draining = true;
+        self.shared.stats.packets_out(state.out.frames());
+        into.append(&mut state.out);
+        state.answered
+    }
+
     /// IO thread: a decode batch begins; replies made during it are taken
     /// by [`end_batch`](Self::end_batch) without a flush request each.
     pub(crate) fn begin_batch(&self) {
@@ -318,6 +336,7 @@ impl Conn {
     pub(crate) fn end_batch(&self, into: &mut WriteQueue) -> u64 {
         let mut state = self.state.lock();
         state.in_batch = false;
+        self.shared.stats.packets_out(state.out.frames());
         into.append(&mut state.out);
         state.answered
     }

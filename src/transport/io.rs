@@ -452,6 +452,10 @@ impl IoLoop {
             match c.state.read_from(&mut c.stream, Instant::now()) {
                 Ok(0) => {
                     tracing::debug!(peer = %c.conn.peer(), "peer ended its sending side");
+                    if server {
+                        let answered = c.conn.set_draining(c.state.out());
+                        c.state.set_answered(answered);
+                    }
                     let eof = c.state.handle_eof();
                     if server {
                         self.shared.stats.half_close();
@@ -508,15 +512,17 @@ impl IoLoop {
         }
         match c.state.side() {
             Side::Client => {
-                let decoded = decode_responses(shared, c, responses)?;
+                let decoded = decode_responses(shared, c, responses);
+                // Counted before delivery: a caller that sees its response
+                // sees it counted. Responses before a bad frame are still
+                // delivered; the requests after it fail when it closes.
+                shared.stats.packets_in(responses.len());
                 if !responses.is_empty() {
-                    let outcomes = c
-                        .conn
-                        .complete_responses(responses, std::mem::take(completed));
+                    let outcomes =
+                        (c.conn).complete_responses(responses, std::mem::take(completed));
                     *completed = outcomes.deliver();
                 }
-                shared.stats.packets_in(decoded);
-                Ok(())
+                decoded
             }
             Side::Server => {
                 let mut batch = RequestBatch {
@@ -731,21 +737,16 @@ fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
     }
 }
 
-/// Decodes a client connection's responses into `responses`; returns how
-/// many frames were decoded.
+/// Decodes a client connection's responses into `responses`.
 fn decode_responses(
     shared: &Shared,
     c: &mut IoConn,
     responses: &mut Vec<Packet>,
-) -> Result<usize, Error> {
-    let mut decoded = 0;
+) -> Result<(), Error> {
     loop {
         match c.state.next_frame(&*shared.streamer) {
-            Ok(Some(packet)) => {
-                decoded += 1;
-                responses.push(packet);
-            }
-            Ok(None) => return Ok(decoded),
+            Ok(Some(packet)) => responses.push(packet),
+            Ok(None) => return Ok(()),
             Err(e) => {
                 shared.stats.bad_frame();
                 tracing::warn!(peer = %c.conn.peer(), reason = %e, "closing connection: bad frame");

@@ -69,7 +69,7 @@ impl<W: Wake> IoWaker<W> {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
-    use crate::sync::{Arc, AtomicUsize};
+    use crate::sync::{fence, Arc, AtomicUsize};
     use loom::thread;
 
     /// Counts wakeups; a wakeup stands for the syscall that ends a sleep.
@@ -82,32 +82,52 @@ mod loom_tests {
         }
     }
 
+    /// Two senders each queue a command and wake; the IO thread announces a
+    /// sleep once. Checks: it never sleeps with a command queued and no
+    /// wakeup, and one sleep costs at most one wakeup.
+    ///
+    /// The handshake relies on every step being `SeqCst`: the flag's store
+    /// and swap here, the command queue's push and `is_empty` in the
+    /// transport (crossbeam's `SegQueue`, which loom cannot see). loom
+    /// models `SeqCst` loads, stores and read-modify-writes only as
+    /// `AcqRel`, and reports this store-buffering shape as a lost wakeup
+    /// although the C++20 model forbids it; it does model `SeqCst` fences.
+    /// So the stand-in queue below puts a fence between its operation and
+    /// the flag's, on both sides: what the model checks is the protocol's
+    /// sequence of steps under one total order, not the orderings
+    /// themselves.
     #[test]
     fn loom_io_waker_never_sleeps_through_a_command() {
         loom::model(|| {
             let wakes = Arc::new(Counter(AtomicUsize::new(0)));
             let waker = Arc::new(IoWaker::new(wakes.clone()));
-            let queued = Arc::new(AtomicBool::new(false));
-            let sender = {
-                let (waker, queued) = (waker.clone(), queued.clone());
-                thread::spawn(move || {
-                    queued.store(true, Ordering::SeqCst);
-                    waker.wake();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let senders: Vec<_> = (0..2)
+                .map(|_| {
+                    let (waker, queued) = (waker.clone(), queued.clone());
+                    thread::spawn(move || {
+                        queued.fetch_add(1, Ordering::SeqCst);
+                        fence(Ordering::SeqCst);
+                        waker.wake();
+                    })
                 })
-            };
-            // The IO thread's turn: either it sees the command before
+                .collect();
+            // The IO thread's turn: either it sees a command before
             // sleeping, or its sleep is ended by a wakeup.
-            let sleeps = waker.may_sleep(|| !queued.load(Ordering::SeqCst));
-            sender.join().unwrap();
+            let sleeps = waker.may_sleep(|| {
+                fence(Ordering::SeqCst);
+                queued.load(Ordering::SeqCst) == 0
+            });
+            for sender in senders {
+                sender.join().unwrap();
+            }
+            let wakes = wakes.0.load(Ordering::SeqCst);
+            assert!(wakes <= 1, "{wakes} wakeups for one sleep");
             if sleeps {
-                assert_eq!(
-                    wakes.0.load(Ordering::SeqCst),
-                    1,
-                    "slept with a command queued and no wakeup"
-                );
+                assert_eq!(wakes, 1, "slept with a command queued and no wakeup");
                 waker.awake();
             }
-            assert!(queued.load(Ordering::SeqCst));
+            assert_eq!(queued.load(Ordering::SeqCst), 2);
         });
     }
 }
