@@ -153,27 +153,43 @@ impl IoLoop {
     /// Runs every queued command; true on `Shutdown`.
     fn run_commands(&mut self) -> bool {
         while let Some(command) = self.shared.commands.pop() {
-            match command {
-                Command::Listen(socket, service) => self.add_listener(socket, service),
-                Command::Connect(conn) => self.connect(conn),
-                Command::Flush(conn) => {
-                    if let Some(token) = self.token_of(&conn) {
-                        self.write(token);
-                    }
-                }
-                Command::Close(conn, error) => match self.token_of(&conn) {
-                    Some(token) => self.close(token, error),
-                    // Not connected yet (or never to be): end it all the same.
-                    None => drop(conn.close(error)),
-                },
-                Command::Timeout(conn) => {
-                    if let Some(token) = self.token_of(&conn) {
-                        self.timeout(token);
-                    }
-                }
-                Command::ResumeReading => self.resume(),
-                Command::Shutdown => return true,
+            if self.run_command(command) {
+                return true;
             }
+        }
+        false
+    }
+
+    /// Runs one command; true for `Shutdown`. The only place commands are
+    /// interpreted while the IO thread runs, shutting down or not (once it
+    /// has exited, `Shared::fail_commands` ends what is left).
+    fn run_command(&mut self, command: Command) -> bool {
+        let stopping = self.shared.is_stopping();
+        match command {
+            // `listen` reports `Shutdown` for a listener that races `stop`.
+            Command::Listen(..) if stopping => {}
+            Command::Listen(socket, service) => self.add_listener(socket, service),
+            Command::Connect(conn) if stopping => drop(conn.close(Error::Shutdown)),
+            Command::Connect(conn) => self.connect(conn),
+            Command::Flush(conn) => {
+                if let Some(token) = self.token_of(&conn) {
+                    self.write(token);
+                }
+            }
+            Command::Close(conn, error) => match self.token_of(&conn) {
+                Some(token) => self.close(token, error),
+                // Not connected yet (or never to be): end it all the same.
+                None => drop(conn.close(error)),
+            },
+            Command::Timeout(conn) => {
+                if let Some(token) = self.token_of(&conn) {
+                    self.timeout(token);
+                }
+            }
+            // Shutting down reads no more requests.
+            Command::ResumeReading if stopping => {}
+            Command::ResumeReading => self.resume(),
+            Command::Shutdown => return true,
         }
         false
     }
@@ -667,18 +683,7 @@ impl IoLoop {
         let mut events = Events::with_capacity(256);
         loop {
             while let Some(command) = self.shared.commands.pop() {
-                match command {
-                    Command::Flush(conn) => {
-                        if let Some(token) = self.token_of(&conn) {
-                            self.write(token);
-                        }
-                    }
-                    Command::Connect(conn) | Command::Close(conn, _) => {
-                        drop(conn.close(Error::Shutdown));
-                    }
-                    Command::Timeout(_) => {}
-                    Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
-                }
+                self.run_command(command);
             }
             let tokens: Vec<usize> = self.endpoints.iter().map(|(t, _)| t).collect();
             for &token in &tokens {
