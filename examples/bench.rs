@@ -20,7 +20,16 @@
 //! interleaved, so drift on a shared machine hits all rows alike.
 //! Flags: `--secs S` per row (default 2), `--rounds R` (default 2),
 //! `--sizes 64,4096,1048576`, `--shapes 1x1,4x32,64x4`,
-//! `--rows a,b,c,call,callback,future,callback-io`, `--quick`.
+//! `--rows a,b,c,call,callback,future,callback-io`, `--quick`, and
+//! `--pin none|split|same` (default none): `split` pins every server thread
+//! to one CPU and every client thread to another, `same` puts both on one
+//! CPU (what a container with a one-CPU quota sees). Threads inherit the
+//! affinity of the thread that spawns them, so each side is started from
+//! the main thread pinned to that side's CPU.
+//!
+//! The `cs/req` column is context switches (voluntary and involuntary, from
+//! `/proc/self/task/*/status`, sampled every 20 ms so threads that exit
+//! are counted) per request, for the whole process: client and server.
 
 #[path = "common/load.rs"]
 mod load;
@@ -213,6 +222,108 @@ struct Sample {
     bad: u64,
     secs: f64,
     latency_us: Histogram<u64>,
+    switches: u64,
+}
+
+// ---------------------------------------------------------------------------
+// CPU pinning and context switches.
+
+/// Where each side's threads run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pin {
+    None,
+    Split,
+    Same,
+}
+
+/// Pins the calling thread (and so the threads it spawns next) to the CPU
+/// `pin` gives `side` (0 server, 1 client).
+fn pin_side(pin: Pin, side: usize) {
+    let core = match pin {
+        Pin::None => return,
+        Pin::Split => side,
+        Pin::Same => 0,
+    };
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let Some(&id) = cores.get(core.min(cores.len().saturating_sub(1))) else {
+        eprintln!("bench: no CPU to pin to");
+        return;
+    };
+    if !core_affinity::set_for_current(id) {
+        eprintln!("bench: could not pin to CPU {}", id.id);
+    }
+}
+
+/// Context switches of every live thread of this process, by thread id.
+fn switches_by_thread() -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let n: u64 = (status.lines())
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum();
+        out.insert(tid, n);
+    }
+    out
+}
+
+/// Counts the process's context switches over a run, sampling often
+/// enough that threads which exit during it are counted.
+struct SwitchCounter {
+    stop: Arc<AtomicBool>,
+    sampler: JoinHandle<BTreeMap<u64, u64>>,
+    before: BTreeMap<u64, u64>,
+}
+
+impl SwitchCounter {
+    fn start() -> SwitchCounter {
+        let before = switches_by_thread();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let me: Option<u64> = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name()?.to_str()?.parse().ok());
+                let mut seen = BTreeMap::new();
+                loop {
+                    let done = stop.load(Ordering::SeqCst);
+                    for (tid, n) in switches_by_thread() {
+                        if Some(tid) != me {
+                            let max = seen.entry(tid).or_insert(0);
+                            *max = n.max(*max);
+                        }
+                    }
+                    if done {
+                        return seen;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        SwitchCounter {
+            stop,
+            sampler,
+            before,
+        }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let seen = self.sampler.join().unwrap_or_default();
+        (seen.iter())
+            .map(|(tid, n)| n.saturating_sub(self.before.get(tid).copied().unwrap_or(0)))
+            .sum()
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -273,6 +384,7 @@ fn raw_client(
         bad: 0,
         secs: 0.0,
         latency_us: histogram(),
+        switches: 0,
     };
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
@@ -393,10 +505,19 @@ fn tbnet_server(dispatch: Dispatch) -> (Transport, SocketAddr) {
     (transport, addr)
 }
 
-fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Sample {
+fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64, pin: Pin) -> Sample {
+    let switches = SwitchCounter::start();
+    let mut sample = run_pinned(row, size, conns, depth, secs, pin);
+    sample.switches = switches.finish();
+    sample
+}
+
+fn run_pinned(row: Row, size: usize, conns: usize, depth: usize, secs: f64, pin: Pin) -> Sample {
     match row {
         Row::Raw => {
+            pin_side(pin, 0);
             let server = RawServer::start().expect("start the raw server");
+            pin_side(pin, 1);
             let sample = raw_client(server.addr, conns, depth, size, secs).expect("raw client run");
             server.stop();
             sample
@@ -407,7 +528,9 @@ fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Samp
             } else {
                 Dispatch::Workers
             };
+            pin_side(pin, 0);
             let (server, addr) = tbnet_server(dispatch);
+            pin_side(pin, 1);
             let sample = raw_client(addr, conns, depth, size, secs).expect("raw client run");
             server.stop();
             sample
@@ -425,7 +548,9 @@ fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Samp
                 Dispatch::Workers
             };
             let mode = modes[mode as usize];
+            pin_side(pin, 0);
             let (server, addr) = tbnet_server(Dispatch::IoThread);
+            pin_side(pin, 1);
             // Room for every request in flight, so large bodies meet
             // back-pressure rather than QueueFull.
             let client = Transport::builder()
@@ -456,6 +581,7 @@ fn run_row(row: Row, size: usize, conns: usize, depth: usize, secs: f64) -> Samp
                 bad: tally.errors + tally.mismatches,
                 secs: elapsed,
                 latency_us: tally.latency_us,
+                switches: 0,
             }
         }
     }
@@ -467,6 +593,7 @@ struct Options {
     sizes: Vec<usize>,
     shapes: Vec<(usize, usize)>,
     rows: Vec<Row>,
+    pin: Pin,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -484,6 +611,7 @@ fn parse_args() -> Result<Options, String> {
             Row::Client(2),
             Row::Client(3),
         ],
+        pin: Pin::None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -517,13 +645,21 @@ fn parse_args() -> Result<Options, String> {
                     .map(|s| Row::parse(s).ok_or(format!("--rows: unknown row {s}")))
                     .collect::<Result<_, _>>()?
             }
+            "--pin" => {
+                o.pin = match value()?.as_str() {
+                    "none" => Pin::None,
+                    "split" => Pin::Split,
+                    "same" => Pin::Same,
+                    other => return Err(format!("--pin: {other} is not none, split or same")),
+                }
+            }
             "--quick" => {
                 o.secs = 1.0;
                 o.rounds = 1;
                 o.sizes = vec![64, 4096];
             }
             "-h" | "--help" => {
-                println!("usage: bench [--secs S] [--rounds R] [--sizes 64,4096] [--shapes 1x1,4x32] [--rows a,b,c,call,callback,future] [--quick]");
+                println!("usage: bench [--secs S] [--rounds R] [--sizes 64,4096] [--shapes 1x1,4x32] [--rows a,b,c,call,callback,future,callback-io] [--pin none|split|same] [--quick]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -555,7 +691,7 @@ fn main() {
                         size,
                         row.name()
                     );
-                    let s = run_row(row, size, conns, depth, per_round);
+                    let s = run_row(row, size, conns, depth, per_round, o.pin);
                     let slot = results
                         .entry((size, (conns, depth), row))
                         .or_insert_with(|| Sample {
@@ -563,7 +699,9 @@ fn main() {
                             bad: 0,
                             secs: 0.0,
                             latency_us: histogram(),
+                            switches: 0,
                         });
+                    slot.switches += s.switches;
                     slot.ok += s.ok;
                     slot.bad += s.bad;
                     slot.secs += s.secs;
@@ -572,8 +710,9 @@ fn main() {
             }
         }
     }
+    println!("pin: {:?}", o.pin);
     println!(
-        "| size | shape | row | req/s | MB/s | p50 us | p99 us | vs a |\n|---:|---:|---|---:|---:|---:|---:|---:|"
+        "| size | shape | row | req/s | MB/s | p50 us | p99 us | cs/req | vs a |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     for &size in &o.sizes {
         for &shape in &o.shapes {
@@ -589,8 +728,9 @@ fn main() {
                 } else {
                     String::new()
                 };
+                let per_request = s.switches as f64 / s.ok.max(1) as f64;
                 println!(
-                    "| {} | {}x{} | {}{bad} | {:.0} | {:.1} | {} | {} | {:.2} |",
+                    "| {} | {}x{} | {}{bad} | {:.0} | {:.1} | {} | {} | {:.3} | {:.2} |",
                     human(size),
                     shape.0,
                     shape.1,
@@ -599,6 +739,7 @@ fn main() {
                     rps * size as f64 / 1e6,
                     s.latency_us.value_at_quantile(0.5),
                     s.latency_us.value_at_quantile(0.99),
+                    per_request,
                     ratio
                 );
             }
