@@ -511,3 +511,186 @@ impl Cancel for Conn {
         drop(Outcomes::new(&self.shared, cancelled));
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! The ways a request ends, raced through the real connection: its
+    //! response (IO thread), its deadline (timer thread), its caller giving
+    //! up (any thread) and the connection closing. Each model checks that
+    //! exactly one of them ends the request, that its caller sees that one
+    //! outcome, and that the counters agree with it.
+
+    use super::*;
+    use crate::completion::{CancelHandle, ResponseFuture};
+    use crate::transport::Transport;
+    use loom::thread;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    const PCODE: i32 = 7;
+
+    /// A client connection opened at `t0`, and the poller its waker belongs
+    /// to (kept so the waker stays registered).
+    fn open_client(t0: Instant) -> (Arc<Conn>, mio::Poll) {
+        let (shared, poll) = Shared::new(Transport::builder()).expect("a poller and its waker");
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let conn = Conn::new(Arc::new(shared), peer, Side::Client, 4, Duration::ZERO);
+        conn.mark_open(t0);
+        (Arc::new(conn), poll)
+    }
+
+    /// Submits a request pending until `deadline`.
+    fn request(conn: &Arc<Conn>, t0: Instant, deadline: Instant) -> (ChannelId, ResponseFuture) {
+        let (future, completion) = ResponseFuture::new();
+        match conn.submit(Packet::new(PCODE, "ping"), t0, deadline, completion) {
+            Ok(id) => (id, future),
+            Err(rejected) => panic!("submit refused: {}", rejected.error),
+        }
+    }
+
+    /// What the IO thread does with a response read for `id`.
+    fn respond(conn: &Conn, id: ChannelId) {
+        let mut response = Packet::new(PCODE, "pong");
+        response.set_channel_id(id);
+        drop(conn.complete_responses(&mut vec![response], Vec::new()));
+    }
+
+    struct NoWake;
+
+    impl Wake for NoWake {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    /// The future's outcome, which must have arrived by now.
+    fn outcome(mut future: ResponseFuture) -> Result<Packet, Error> {
+        let waker = Waker::from(Arc::new(NoWake));
+        match Pin::new(&mut future).poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(result) => result,
+            Poll::Pending => panic!("the request was never ended"),
+        }
+    }
+
+    /// Breaks the cycles through the shared state (the queued flush
+    /// command, timer entries) so each execution frees what it built.
+    fn teardown(conn: Arc<Conn>) {
+        let shared = conn.shared.clone();
+        drop(conn);
+        while let Some(command) = shared.commands.pop() {
+            drop(command);
+        }
+        drop(shared.timer.stop());
+    }
+
+    /// Response, deadline, cancel and close race for one request whose
+    /// deadline has passed, so each of them could end it. A second request,
+    /// due later, makes the timer path re-register the connection's next
+    /// deadline while the close may be removing it.
+    ///
+    /// A completion fires at most once by construction (`complete`
+    /// consumes it); what can go wrong is two paths each believing they
+    /// ended the request (counted twice), none delivering (the future
+    /// stays pending, or sees `Shutdown` from a dropped completion), or a
+    /// closed connection left in the timer table.
+    #[test]
+    fn loom_conn_complete_expire_cancel_close_end_a_request_exactly_once() {
+        let mut model = loom::model::Builder::new();
+        // Unbounded, four threads take hundreds of thousands of executions
+        // (minutes); four preemptions cover every order of the four
+        // removals with room to spare, in seconds.
+        model.preemption_bound = Some(4);
+        model.check(|| {
+            let t0 = Instant::now();
+            let (conn, _poll) = open_client(t0);
+            let (id, future) = request(&conn, t0, t0);
+            let (_, later) = request(&conn, t0, t0 + Duration::from_secs(7200));
+            let key = conn.state.lock().requests_timer;
+            let key = key.expect("the earliest deadline is in the timer table");
+            let responder = {
+                let conn = conn.clone();
+                thread::spawn(move || respond(&conn, id))
+            };
+            // The timer thread takes the due entry out of the table (as
+            // `wait_due` does; a close may have removed it first), then
+            // expires the connection's due requests.
+            let timer = {
+                let conn = conn.clone();
+                thread::spawn(move || {
+                    if let Some(due) = conn.shared.timer.remove(key) {
+                        due.expire(t0 + Duration::from_secs(3600));
+                    }
+                })
+            };
+            let caller = {
+                let conn = conn.clone();
+                thread::spawn(move || Cancel::cancel(&*conn, id))
+            };
+            drop(conn.close(Error::Disconnected));
+            for racer in [responder, timer, caller] {
+                racer.join().unwrap();
+            }
+
+            let result = outcome(future);
+            let responded = matches!(&result, Ok(p) if &p.body()[..] == b"pong");
+            assert!(
+                responded
+                    || matches!(
+                        result,
+                        Err(Error::Timeout | Error::Cancelled | Error::Disconnected)
+                    ),
+                "unexpected outcome {result:?}"
+            );
+            assert!(matches!(outcome(later), Err(Error::Disconnected)));
+            let stats = conn.shared.stats.snapshot();
+            assert_eq!(stats.pending, 0);
+            assert_eq!(
+                stats.timeouts,
+                u64::from(matches!(result, Err(Error::Timeout))),
+                "counted as a timeout iff it timed out"
+            );
+            assert_eq!(
+                stats.late_responses,
+                u64::from(!responded),
+                "the response was dropped as late iff something else ended the request"
+            );
+            {
+                let state = conn.state.lock();
+                assert!(state.pool.is_empty());
+                assert!(matches!(state.status, Status::Closed(_)));
+                assert!(
+                    state.requests_timer.is_none(),
+                    "a closed connection keeps a deadline"
+                );
+            }
+            teardown(conn);
+        });
+    }
+
+    /// A caller drops its future, which withdraws the request through the
+    /// connection (the `CancelHandle` the client attaches), while the
+    /// response arrives: the request leaves the table once, by one of them.
+    #[test]
+    fn loom_conn_future_dropped_while_its_response_arrives() {
+        loom::model(|| {
+            let t0 = Instant::now();
+            let (conn, _poll) = open_client(t0);
+            let (id, mut future) = request(&conn, t0, t0 + Duration::from_secs(3600));
+            future.attach_cancel(CancelHandle::new(conn.clone(), id));
+            let responder = {
+                let conn = conn.clone();
+                thread::spawn(move || respond(&conn, id))
+            };
+            drop(future);
+            responder.join().unwrap();
+
+            assert!(
+                conn.state.lock().pool.is_empty(),
+                "neither answered nor withdrawn"
+            );
+            let stats = conn.shared.stats.snapshot();
+            assert_eq!(stats.pending, 0);
+            assert!(stats.late_responses <= 1);
+            teardown(conn);
+        });
+    }
+}

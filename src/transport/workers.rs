@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+#[cfg(not(loom))]
 use crossbeam_queue::{ArrayQueue, SegQueue};
+#[cfg(loom)]
+use loom_queue::{ArrayQueue, SegQueue};
 
 use crate::packet::Packet;
 use crate::proto::Ready;
@@ -249,12 +252,17 @@ fn spin_for_work(queues: &WorkQueues) -> bool {
         }
         std::hint::spin_loop();
     }
+    #[cfg(not(loom))]
     std::thread::yield_now();
+    #[cfg(loom)]
+    loom::thread::yield_now();
     !queues.is_idle()
 }
 
-/// Iterations a worker spins before parking (about a microsecond).
-const SPINS: usize = 256;
+/// Iterations a worker spins before parking (about a microsecond). loom
+/// explores every interleaving at each iteration's `is_stopping` load, so
+/// its models spin once: spinning only delays the park they check.
+const SPINS: usize = if cfg!(loom) { 1 } else { 256 };
 
 /// Runs a callback, catching (and logging) a panic in it.
 pub(crate) fn run_callback(ready: Ready) {
@@ -322,4 +330,134 @@ pub(crate) fn finish_stop(
     queues.drop_requests();
     queues.drain_callbacks();
     stuck
+}
+
+/// The two queues as loom sees them. crossbeam's atomics are invisible to
+/// loom, so with the real queues it would not know that a push and a
+/// worker's emptiness check conflict, and would never try the interleaving
+/// where a wakeup is lost. Here a loom atomic carries what `is_empty`
+/// reads (as crossbeam's `SeqCst` indices do) and a lock holds the items.
+#[cfg(loom)]
+mod loom_queue {
+    use std::collections::VecDeque;
+
+    use crate::sync::{AtomicUsize, Mutex, Ordering};
+
+    pub(super) struct ArrayQueue<T> {
+        items: Mutex<VecDeque<T>>,
+        len: AtomicUsize,
+        capacity: usize,
+    }
+
+    impl<T> ArrayQueue<T> {
+        pub(super) fn new(capacity: usize) -> Self {
+            ArrayQueue {
+                items: Mutex::new(VecDeque::new()),
+                len: AtomicUsize::new(0),
+                capacity,
+            }
+        }
+
+        pub(super) fn push(&self, item: T) -> Result<(), T> {
+            let mut items = self.items.lock();
+            if items.len() >= self.capacity {
+                return Err(item);
+            }
+            items.push_back(item);
+            self.len.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        pub(super) fn pop(&self) -> Option<T> {
+            let item = self.items.lock().pop_front()?;
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            Some(item)
+        }
+
+        pub(super) fn len(&self) -> usize {
+            self.len.load(Ordering::SeqCst)
+        }
+
+        pub(super) fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+    }
+
+    /// Unbounded: an `ArrayQueue` that is never full.
+    pub(super) struct SegQueue<T>(ArrayQueue<T>);
+
+    impl<T> SegQueue<T> {
+        pub(super) fn new() -> Self {
+            SegQueue(ArrayQueue::new(usize::MAX))
+        }
+
+        pub(super) fn push(&self, item: T) {
+            // Never full.
+            let _ = self.0.push(item);
+        }
+
+        pub(super) fn pop(&self) -> Option<T> {
+            self.0.pop()
+        }
+
+        pub(super) fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::completion::Completion;
+    use crate::error::Error;
+    use crate::transport::Transport;
+
+    /// How many times the callback ran, for a caller to block on.
+    struct Runs {
+        count: Mutex<usize>,
+        changed: Condvar,
+    }
+
+    /// A callback queued while the real worker loop spins, parks or wakes
+    /// runs exactly once, and `begin_stop` then ends the loop wherever it
+    /// is. The caller blocks until the callback ran: a lost wakeup leaves
+    /// it and the parked worker both blocked, which loom reports as a
+    /// deadlock.
+    #[test]
+    fn loom_worker_park_notify_never_loses_work() {
+        loom::model(|| {
+            let (shared, _poll) =
+                Shared::new(Transport::builder().workers(1)).expect("a poller and its waker");
+            let shared = Arc::new(shared);
+            let worker = {
+                let shared = shared.clone();
+                loom::thread::spawn(move || work(&shared))
+            };
+            let runs = Arc::new(Runs {
+                count: Mutex::new(0),
+                changed: Condvar::new(),
+            });
+            let callback = {
+                let runs = runs.clone();
+                Completion::callback(move |result: Result<Packet, Error>| {
+                    assert!(result.is_ok());
+                    *runs.count.lock() += 1;
+                    runs.changed.notify_all();
+                })
+            };
+            shared
+                .workers
+                .push_callback(Ready::new(callback, Ok(Packet::new(1, "x"))));
+            let mut count = runs.count.lock();
+            while *count == 0 {
+                count = runs.changed.wait(count);
+            }
+            drop(count);
+            begin_stop(&shared.workers);
+            worker.join().unwrap();
+            assert_eq!(*runs.count.lock(), 1);
+            assert!(shared.workers.is_idle());
+        });
+    }
 }
