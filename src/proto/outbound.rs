@@ -12,6 +12,10 @@ use crate::packet::Packet;
 /// many small frames); larger ones are queued as their own `Bytes`, uncopied.
 const COPY_MAX: usize = 2048;
 
+/// Appended bytes up to this size are copied onto the tail rather than
+/// queued as a chunk of their own.
+const COPY_APPEND_MAX: usize = 2048;
+
 /// Headers up to this size travel inline in the chunk list, so a large
 /// body's frame costs no allocation.
 const INLINE_MAX: usize = 32;
@@ -149,8 +153,28 @@ impl WriteQueue {
 
     /// Moves everything queued in `other` to the end of this queue, leaving
     /// `other` empty (with its spare capacity kept for reuse).
+    ///
+    /// Allocates nothing in the common cases: into an empty queue the two
+    /// queues trade places (each keeps an allocation to reuse), and a few
+    /// small frames are copied onto this queue's tail.
     pub fn append(&mut self, other: &mut WriteQueue) {
         if other.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            let frames = self.frames + other.frames;
+            std::mem::swap(self, other);
+            self.frames = frames;
+            other.frames = 0;
+            return;
+        }
+        if other.chunks.is_empty() && other.tail.len() <= COPY_APPEND_MAX {
+            self.tail.extend_from_slice(&other.tail);
+            self.len += other.len;
+            self.frames += other.frames;
+            other.tail.clear();
+            other.len = 0;
+            other.frames = 0;
             return;
         }
         self.seal_tail();
