@@ -50,9 +50,6 @@ pub(crate) struct ConnState {
     /// Requests handed to handlers that were answered (replied to, or
     /// dropped unanswered): a draining connection waits for all of them.
     answered: u64,
-    /// The IO thread is decoding this connection's input: replies made
-    /// meanwhile need no flush request, it takes them when the batch ends.
-    in_batch: bool,
     /// The peer ended its sending side: every answer may be the last one
     /// the connection waits for, so even a dropped request wakes the IO
     /// thread.
@@ -72,6 +69,10 @@ pub(crate) struct Conn {
     pub(crate) shared: Arc<Shared>,
     state: Mutex<ConnState>,
     flush_scheduled: AtomicBool,
+    /// The IO thread is decoding this connection's requests and running
+    /// their handlers inline: replies made meanwhile need no flush request,
+    /// it takes them when the batch ends.
+    in_batch: AtomicBool,
     token: AtomicUsize,
     /// Clients: how long an open connection must last to count as healthy
     /// when no response arrived on it.
@@ -105,10 +106,10 @@ impl Conn {
                 requests_timer: None,
                 reconnect_timer: None,
                 answered: 0,
-                in_batch: false,
                 draining: false,
             }),
             flush_scheduled: AtomicBool::new(false),
+            in_batch: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
             grace,
         }
@@ -271,7 +272,7 @@ impl Conn {
         let flush = {
             let mut state = self.state.lock();
             state.answered += 1;
-            state.draining && !state.in_batch && !matches!(state.status, Status::Closed(_))
+            state.draining && !self.in_batch() && !matches!(state.status, Status::Closed(_))
         };
         // The IO thread looks at the count when it flushes: a draining
         // connection may be done now.
@@ -304,7 +305,8 @@ impl Conn {
                 return Err(SendError::new(Error::QueueFull, packet));
             }
             state.out.push(&*self.shared.streamer, &packet);
-            !state.in_batch
+            // Read under the lock: see `end_batch`.
+            !self.in_batch()
         };
         if flush {
             self.schedule_flush();
@@ -328,14 +330,22 @@ impl Conn {
     /// IO thread: a decode batch begins; replies made during it are taken
     /// by [`end_batch`](Self::end_batch) without a flush request each.
     pub(crate) fn begin_batch(&self) {
-        self.state.lock().in_batch = true;
+        self.in_batch.store(true, Ordering::SeqCst);
+    }
+
+    fn in_batch(&self) -> bool {
+        self.in_batch.load(Ordering::SeqCst)
     }
 
     /// IO thread: the decode batch ended; moves the replies it produced into
     /// `into` and returns how many requests were answered in all.
+    ///
+    /// A reply queued under the lock either comes before this take (and is
+    /// taken) or after it, and then it sees the flag cleared (the clear
+    /// precedes the take) and asks for a flush itself: none is left behind.
     pub(crate) fn end_batch(&self, into: &mut WriteQueue) -> u64 {
+        self.in_batch.store(false, Ordering::SeqCst);
         let mut state = self.state.lock();
-        state.in_batch = false;
         self.shared.stats.packets_out(state.out.frames());
         into.append(&mut state.out);
         state.answered

@@ -28,7 +28,7 @@ use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
 use super::stream::Stream;
 use super::timer::{Kind, TimerKey};
 use super::workers::Job;
-use super::{Command, Shared};
+use super::{Command, Dispatch, Shared};
 
 /// The token of the shared `mio::Waker`.
 pub(crate) const WAKER: Token = Token(usize::MAX);
@@ -541,17 +541,21 @@ impl IoLoop {
                 decoded
             }
             Side::Server => {
+                let inline = c.service.as_ref().map(|s| s.dispatch) == Some(Dispatch::IoThread);
                 let mut batch = RequestBatch {
                     shared,
                     paused,
                     token,
+                    inline,
                     decoded: 0,
                     queued_jobs: false,
                 };
-                c.conn.begin_batch();
+                batch.begin(c);
                 let result = batch.decode(c);
-                let answered = c.conn.end_batch(c.state.out());
-                c.state.set_answered(answered);
+                if inline {
+                    // (Workers' replies are taken by the write that follows.)
+                    batch.end(c);
+                }
                 batch.finish();
                 result
             }
@@ -771,11 +775,32 @@ struct RequestBatch<'a> {
     shared: &'a Shared,
     paused: &'a mut Vec<usize>,
     token: usize,
+    /// Handlers run inline: their replies join the connection's queue
+    /// without a flush request each (worker replies come at their own pace
+    /// and ask for flushes as usual).
+    inline: bool,
     decoded: usize,
     queued_jobs: bool,
 }
 
 impl RequestBatch<'_> {
+    fn begin(&self, c: &IoConn) {
+        if self.inline {
+            c.conn.begin_batch();
+        }
+    }
+
+    /// Takes the replies made so far into the state machine's queue, with
+    /// the count of answered requests they cover.
+    fn end(&self, c: &mut IoConn) {
+        let answered = if self.inline {
+            c.conn.end_batch(c.state.out())
+        } else {
+            c.conn.take_output(c.state.out())
+        };
+        c.state.set_answered(answered);
+    }
+
     fn decode(&mut self, c: &mut IoConn) -> Result<(), Error> {
         let Some(service) = c.service.clone() else {
             return Ok(());
@@ -786,9 +811,8 @@ impl RequestBatch<'_> {
             // the unwritten output reached its limit (it then stops
             // decoding; `read` writes, and reads on once the peer took some).
             if self.decoded % OUTPUT_CHECK_EVERY == OUTPUT_CHECK_EVERY - 1 {
-                let answered = c.conn.end_batch(c.state.out());
-                c.state.set_answered(answered);
-                c.conn.begin_batch();
+                self.end(c);
+                self.begin(c);
             }
             let packet = match c.state.next_frame(&*self.shared.streamer) {
                 Ok(Some(packet)) => packet,
@@ -809,11 +833,11 @@ impl RequestBatch<'_> {
             );
             let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
             match service.dispatch {
-                super::Dispatch::IoThread => {
+                Dispatch::IoThread => {
                     c.state.dispatched(1);
                     handle_inline(service.handler.as_ref(), packet, reply);
                 }
-                super::Dispatch::Workers => {
+                Dispatch::Workers => {
                     let job = Job {
                         handler: service.handler.clone(),
                         request: packet,
