@@ -170,7 +170,9 @@ fn post_sends_one_way_with_channel_id_zero_and_its_reply_is_discarded() {
 fn a_server_that_does_not_read_fills_the_outbound_limit_and_requests_get_queue_full() {
     // Accepts and never reads, until told to go.
     let (go, told) = mpsc::channel::<()>();
+    let (accepted_tx, accepted) = mpsc::channel::<()>();
     let (addr, raw) = raw_server(move |stream| {
+        let _ = accepted_tx.send(());
         let _ = told.recv_timeout(HANG_GUARD);
         drop(stream);
     });
@@ -196,6 +198,12 @@ fn a_server_that_does_not_read_fills_the_outbound_limit_and_requests_get_queue_f
         "the packet came back"
     );
 
+    // The refusal can come before the connect completes (the first body
+    // alone fills the limit): let the server see the connection before the
+    // transport stops, or it would wait in `accept` for nobody.
+    accepted
+        .recv_timeout(HANG_GUARD)
+        .expect("the client connected");
     drop(go);
     stop(&client_transport);
     within("raw server", move || raw.join().unwrap());
