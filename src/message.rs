@@ -56,7 +56,7 @@ impl std::error::Error for DecodeError {}
 ///
 /// # Examples
 /// ```
-/// use bytes::{Bytes, BytesMut};
+/// use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// use tbnet::{DecodeError, Message, PacketCode};
 ///
 /// #[derive(Debug, PartialEq)]
