@@ -244,7 +244,7 @@ fn pin_side(pin: Pin, side: usize) {
         Pin::Split => side,
         Pin::Same => 0,
     };
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = cores();
     let Some(&id) = cores.get(core.min(cores.len().saturating_sub(1))) else {
         eprintln!("bench: no CPU to pin to");
         return;
@@ -252,6 +252,13 @@ fn pin_side(pin: Pin, side: usize) {
     if !core_affinity::set_for_current(id) {
         eprintln!("bench: could not pin to CPU {}", id.id);
     }
+}
+
+/// The CPUs this process may use, read once before anything is pinned:
+/// afterwards the list would only hold the pinned thread's CPU.
+fn cores() -> &'static [core_affinity::CoreId] {
+    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
 }
 
 /// Context switches of every live thread of this process, by thread id.
@@ -672,6 +679,7 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() {
+    cores();
     let o = match parse_args() {
         Ok(o) => o,
         Err(e) => {
