@@ -39,6 +39,8 @@ pub(crate) struct WorkQueues {
     callbacks_queued: AtomicUsize,
     callback_limit: usize,
     sleepers: AtomicUsize,
+    /// Workers spinning for work now.
+    spinners: AtomicUsize,
     park: Mutex<()>,
     wakeup: Condvar,
     /// The IO thread paused reading because `requests` was full.
@@ -58,6 +60,7 @@ impl WorkQueues {
             callbacks_queued: AtomicUsize::new(0),
             callback_limit,
             sleepers: AtomicUsize::new(0),
+            spinners: AtomicUsize::new(0),
             park: Mutex::new(()),
             wakeup: Condvar::new(),
             io_waiting: AtomicBool::new(false),
@@ -178,6 +181,14 @@ pub(crate) fn spawn(shared: &Arc<Shared>, n: usize) -> std::io::Result<Vec<JoinH
 fn work(shared: &Shared) {
     super::role::set(super::role::WORKER, shared);
     let queues = &shared.workers;
+    // Spinning pays only with a core to spare: the IO thread needs one, so
+    // at most `cores - 1` workers spin at once, and with one core none do
+    // (a spinner would take the core from the thread that has the work).
+    // `available_parallelism` honours this thread's affinity mask and the
+    // cgroup CPU quota.
+    let max_spinners = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1);
     // Callbacks and requests take turns, so a flood of one cannot starve
     // the other.
     let mut callback_first = true;
@@ -198,7 +209,7 @@ fn work(shared: &Shared) {
         }
         // Requests come in bursts: a short spin catches the next one without
         // the futex round trip of parking and being woken.
-        if spin_for_work(queues) {
+        if spin_for_work(queues, max_spinners) {
             continue;
         }
         let mut guard = queues.park.lock();
@@ -244,8 +255,19 @@ fn run_one_request(shared: &Shared) -> bool {
     true
 }
 
-/// Spins briefly, then yields once, watching for work. True if some came.
-fn spin_for_work(queues: &WorkQueues) -> bool {
+/// Spins briefly, then yields once, watching for work, if a core is spare
+/// for it. True if work came.
+fn spin_for_work(queues: &WorkQueues, max_spinners: usize) -> bool {
+    if queues.spinners.fetch_add(1, Ordering::Relaxed) >= max_spinners {
+        queues.spinners.fetch_sub(1, Ordering::Relaxed);
+        return !queues.is_idle();
+    }
+    let found = spin(queues);
+    queues.spinners.fetch_sub(1, Ordering::Relaxed);
+    found
+}
+
+fn spin(queues: &WorkQueues) -> bool {
     for _ in 0..SPINS {
         if !queues.is_idle() || queues.is_stopping() {
             return true;
