@@ -142,20 +142,40 @@ impl Shared {
         }
     }
 
-    /// Fires a completion: waiters are woken here; callbacks go to the
+    /// Fires completions: waiters are woken here; callbacks go to the
     /// worker pool (so user code never runs on the IO or timer thread),
-    /// unless the builder asked for them inline.
-    pub(crate) fn deliver(&self, ready: Ready) {
+    /// unless the builder asked for them inline. The workers are woken once
+    /// for all the callbacks of the batch.
+    pub(crate) fn deliver_all(&self, readies: impl Iterator<Item = Ready>) {
+        let mut queued = false;
+        for ready in readies {
+            queued |= self.deliver_quietly(ready);
+        }
+        if queued {
+            self.workers_take_callbacks();
+        }
+    }
+
+    /// Fires `ready`, or queues its callback for the workers without waking
+    /// them (true then: the caller wakes them).
+    fn deliver_quietly(&self, ready: Ready) -> bool {
         if !ready.is_callback() {
             ready.fire();
-            return;
+            return false;
         }
         let inline = self.config.callbacks == Dispatch::IoThread && role::is(role::IO, self);
         if inline || self.lifecycle.is_stopped() {
             workers::run_callback(ready);
-            return;
+            return false;
         }
         self.workers.push_callback(ready);
+        true
+    }
+
+    /// Callbacks were queued: wakes a worker, or runs them here if the
+    /// workers are gone.
+    fn workers_take_callbacks(&self) {
+        self.workers.notify();
         if self.lifecycle.is_stopped() {
             self.workers.drain_callbacks();
         }

@@ -39,8 +39,8 @@ impl<'s> Outcomes<'s> {
     }
 
     fn deliver_all(&mut self) {
-        for ready in self.readies.drain(..) {
-            self.shared.deliver(ready);
+        if !self.readies.is_empty() {
+            self.shared.deliver_all(self.readies.drain(..));
         }
     }
 }

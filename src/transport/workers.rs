@@ -89,10 +89,11 @@ impl WorkQueues {
         retry
     }
 
+    /// Queues a callback; the caller wakes the workers with
+    /// [`notify`](Self::notify) once per batch.
     pub(crate) fn push_callback(&self, ready: Ready) {
         self.callbacks_queued.fetch_add(1, Ordering::Relaxed);
         self.callbacks.push(ready);
-        self.notify();
     }
 
     /// Whether as many callbacks wait as the limit allows: new requests with
@@ -224,9 +225,15 @@ fn work(shared: &Shared) {
 }
 
 fn run_one_callback(shared: &Shared) -> bool {
-    let Some(ready) = shared.workers.pop_callback() else {
+    let queues = &shared.workers;
+    let Some(ready) = queues.pop_callback() else {
         return false;
     };
+    // Woken once per batch, a worker passes the wake on while more wait
+    // (as for requests), so a slow callback holds up only itself.
+    if !queues.callbacks.is_empty() {
+        queues.notify();
+    }
     run_callback(ready);
     true
 }
@@ -471,6 +478,7 @@ mod loom_tests {
             shared
                 .workers
                 .push_callback(Ready::new(callback, Ok(Packet::new(1, "x"))));
+            shared.workers.notify();
             let mut count = runs.count.lock();
             while *count == 0 {
                 count = runs.changed.wait(count);
