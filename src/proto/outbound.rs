@@ -282,6 +282,44 @@ mod tests {
     }
 
     #[test]
+    fn append_keeps_order_and_counts_in_every_path() {
+        let s = DefaultStreamer::new();
+        let frame = |n: usize| Packet::new(1, Bytes::from(vec![n as u8; n]));
+        let mut expected = Vec::new();
+        let mut into = WriteQueue::new();
+        // Into an empty queue: the two trade places.
+        let mut other = WriteQueue::new();
+        other.push(&s, &frame(3));
+        into.append(&mut other);
+        assert!(other.is_empty());
+        expected.push(frame(3));
+        // A few small frames: copied onto the tail.
+        other.push(&s, &frame(5));
+        other.push(&s, &frame(7));
+        into.append(&mut other);
+        expected.extend([frame(5), frame(7)]);
+        // A large body: moved as chunks.
+        other.push(&s, &frame(5000));
+        into.append(&mut other);
+        expected.push(frame(5000));
+        assert_eq!((other.len(), other.frames()), (0, 0));
+        assert_eq!(into.frames(), 4);
+        let bytes = flush(&mut into, 3, 1000);
+        let mut decoder = FrameDecoder::new();
+        decoder.extend_from_slice(&bytes);
+        for want in expected {
+            assert_eq!(
+                decoder.next_packet(&s).unwrap().unwrap().body(),
+                want.body()
+            );
+        }
+        assert!(decoder.next_packet(&s).unwrap().is_none());
+        // The queue traded away keeps working.
+        other.push(&s, &frame(2));
+        assert_eq!(other.len(), 16 + 2);
+    }
+
+    #[test]
     #[should_panic(expected = "advance past the end")]
     fn advancing_too_far_panics() {
         let mut q = WriteQueue::new();
