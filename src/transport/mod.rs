@@ -343,7 +343,10 @@ impl TransportBuilder {
     }
 
     /// Closes server-side connections that sent nothing for this long
-    /// (default 900 s, tbnet's; `None` keeps them forever).
+    /// (default 900 s, tbnet's; `None` keeps them forever). This also
+    /// bounds a connection whose peer ended its sending side: it is drained
+    /// (what it asked is answered and written) and closes once done, or
+    /// when this much time has passed since the peer last sent anything.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.idle_timeout = timeout.map(clamp_wait);
         self
