@@ -152,13 +152,24 @@ impl Conn {
     /// Has the timer start connecting at `at` (a reconnect delayed by
     /// backoff). False if the timer has stopped: the caller ends `conn`.
     pub(crate) fn connect_at(self: &Arc<Self>, at: Instant) -> bool {
-        let mut state = self.state.lock();
-        if matches!(state.status, Status::Closed(_)) {
-            return true;
+        let inserted = {
+            let mut state = self.state.lock();
+            if matches!(state.status, Status::Closed(_)) {
+                return true;
+            }
+            let inserted = (self.shared.timer).insert_quietly(at, Kind::Reconnect, self.clone());
+            state.reconnect_timer = inserted.map(|(key, _)| key);
+            inserted
+        };
+        match inserted {
+            Some((_, wake)) => {
+                if wake {
+                    self.shared.timer.wake();
+                }
+                true
+            }
+            None => false,
         }
-        let key = self.shared.timer.insert(at, Kind::Reconnect, self.clone());
-        state.reconnect_timer = key;
-        key.is_some()
     }
 
     /// Registers a request and queues its frame. The request's channel id is
@@ -213,18 +224,25 @@ impl Conn {
             // earlier one replaces it (the old connection reference is
             // dropped after the lock).
             let earlier = state.requests_timer.map_or(true, |(at, _)| deadline < at);
+            let mut wake = false;
             let replaced = if earlier {
                 let old = state.requests_timer.take();
-                state.requests_timer =
-                    (self.shared.timer).insert(deadline, Kind::Requests, self.clone());
+                let inserted =
+                    (self.shared.timer).insert_quietly(deadline, Kind::Requests, self.clone());
+                state.requests_timer = inserted.map(|(key, _)| key);
+                wake = inserted.is_some_and(|(_, wake)| wake);
                 old.and_then(|key| self.shared.timer.remove(key))
             } else {
                 None
             };
-            (id, replaced)
+            (id, replaced, wake)
         };
-        let (id, replaced) = register;
+        let (id, replaced, wake) = register;
         drop(replaced);
+        if wake {
+            // After the lock: no thread is woken while one is held.
+            self.shared.timer.wake();
+        }
         tracing::debug!(
             peer = %self.peer,
             channel_id = %id,
@@ -433,8 +451,10 @@ impl Conn {
             }
             state.pool.expire(now, &mut expired);
             if let Some(next) = state.pool.next_deadline() {
-                state.requests_timer =
-                    (self.shared.timer).insert(next, Kind::Requests, self.clone());
+                // On the timer thread itself: nobody to wake.
+                state.requests_timer = (self.shared.timer)
+                    .insert_quietly(next, Kind::Requests, self.clone())
+                    .map(|(key, _)| key);
             }
         }
         let outcomes = Outcomes::new(&self.shared, expired);

@@ -66,20 +66,36 @@ impl TimerTable {
     /// Fires `kind` for `conn` at `at`. `None` if the timer has stopped: a
     /// caller waiting on the entry must then end `conn` itself.
     pub(crate) fn insert(&self, at: Instant, kind: Kind, conn: Arc<Conn>) -> Option<TimerKey> {
-        let (key, wake) = {
-            let mut state = self.state.lock();
-            if state.stopping {
-                return None;
-            }
-            state.seq += 1;
-            let key = (at, state.seq);
-            state.table.insert(key, Entry { kind, conn });
-            (key, state.sleeping_until.is_some_and(|until| at < until))
-        };
+        let (key, wake) = self.insert_quietly(at, kind, conn)?;
         if wake {
-            self.wakeup.notify_one();
+            self.wake();
         }
         Some(key)
+    }
+
+    /// [`insert`](Self::insert) for a caller holding a connection's lock:
+    /// says whether the timer thread must be woken (with
+    /// [`wake`](Self::wake), once that lock is released) instead of waking
+    /// it here.
+    pub(crate) fn insert_quietly(
+        &self,
+        at: Instant,
+        kind: Kind,
+        conn: Arc<Conn>,
+    ) -> Option<(TimerKey, bool)> {
+        let mut state = self.state.lock();
+        if state.stopping {
+            return None;
+        }
+        state.seq += 1;
+        let key = (at, state.seq);
+        state.table.insert(key, Entry { kind, conn });
+        Some((key, state.sleeping_until.is_some_and(|until| at < until)))
+    }
+
+    /// Wakes the timer thread to look at an earlier deadline.
+    pub(crate) fn wake(&self) {
+        self.wakeup.notify_one();
     }
 
     /// Removes an entry (its connection closed or its deadline moved).
