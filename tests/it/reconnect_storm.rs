@@ -317,24 +317,24 @@ fn assert_backed_off(client: &ConnectionManager, transport: &Transport, server: 
 
 #[test]
 fn a_server_that_closes_every_connection_at_once_is_retried_with_growing_backoff() {
-    let server = RawListener::start(|_| Act::Close);
-    let client_transport = transport();
-    let client = ConnectionManager::new(&client_transport).with_backoff(default_delays());
-    let timeout = Duration::from_secs(2);
-
-    let ledger = storm(&client, server.addr, Duration::from_secs(2), timeout);
-    let disconnected = |e: &Error| matches!(e, Error::Disconnected);
-    ledger.assert_each_ended_once(timeout, disconnected);
-    assert_backed_off(&client, &client_transport, &server);
-
-    stop(&client_transport);
-    ledger.assert_each_ended_once(timeout, disconnected);
-    server.stop();
+    storm_against(Act::Close, |_| {});
 }
 
 #[test]
 fn a_server_that_answers_every_connection_with_a_bad_frame_is_retried_with_growing_backoff() {
-    let server = RawListener::start(|_| Act::BadFrame);
+    storm_against(Act::BadFrame, |client_transport| {
+        assert!(
+            wait_until(WAIT_LIMIT, || client_transport.stats().bad_frames >= 1),
+            "the client read the bad frames"
+        );
+    });
+}
+
+/// Two seconds of requests against a server that treats every connection
+/// with `act`: each request fails `Disconnected` exactly once, and the
+/// client backs off (`check` adds what is particular to `act`).
+fn storm_against(act: Act, check: impl FnOnce(&Transport)) {
+    let server = RawListener::start(move |_| act.clone());
     let client_transport = transport();
     let client = ConnectionManager::new(&client_transport).with_backoff(default_delays());
     let timeout = Duration::from_secs(2);
@@ -342,10 +342,7 @@ fn a_server_that_answers_every_connection_with_a_bad_frame_is_retried_with_growi
     let ledger = storm(&client, server.addr, Duration::from_secs(2), timeout);
     let disconnected = |e: &Error| matches!(e, Error::Disconnected);
     ledger.assert_each_ended_once(timeout, disconnected);
-    assert!(
-        wait_until(WAIT_LIMIT, || client_transport.stats().bad_frames >= 1),
-        "the client read the bad frames"
-    );
+    check(&client_transport);
     assert_backed_off(&client, &client_transport, &server);
 
     stop(&client_transport);
