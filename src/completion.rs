@@ -138,6 +138,9 @@ pub(crate) trait Cancel: Send + Sync {
     fn cancel(&self, id: ChannelId);
 }
 
+/// A bare pool as a cancel target, for the unit tests of the waiting side
+/// (the transport's target is its connection).
+#[cfg(test)]
 impl Cancel for Mutex<crate::proto::ChannelPool> {
     fn cancel(&self, id: ChannelId) {
         let ready = self.lock().cancel(id);
