@@ -1,4 +1,5 @@
-//! The only place that names lock and atomic types, so loom can swap them in.
+//! The only place that names lock, atomic and (for the workers) queue types,
+//! so loom can swap them in.
 //!
 //! Lock order (a thread holding one may take only those below it):
 //! 1. the connection manager's map of connections;
@@ -107,3 +108,83 @@ mod imp {
 
 #[allow(unused_imports)]
 pub(crate) use imp::*;
+
+/// The workers' queues: crossbeam's, or under loom stand-ins it can see.
+#[cfg(not(loom))]
+pub(crate) use crossbeam_queue::{ArrayQueue, SegQueue};
+#[cfg(loom)]
+pub(crate) use loom_queue::{ArrayQueue, SegQueue};
+
+/// The two queues as loom sees them. crossbeam's atomics are invisible to
+/// loom, so with the real queues it would not know that a push and a
+/// worker's emptiness check conflict, and would never try the interleaving
+/// where a wakeup is lost. Here a loom atomic carries what `is_empty`
+/// reads (as crossbeam's `SeqCst` indices do) and a lock holds the items.
+#[cfg(loom)]
+mod loom_queue {
+    use std::collections::VecDeque;
+
+    use super::imp::{AtomicUsize, Mutex, Ordering};
+
+    pub(crate) struct ArrayQueue<T> {
+        items: Mutex<VecDeque<T>>,
+        len: AtomicUsize,
+        capacity: usize,
+    }
+
+    impl<T> ArrayQueue<T> {
+        pub(crate) fn new(capacity: usize) -> Self {
+            ArrayQueue {
+                items: Mutex::new(VecDeque::new()),
+                len: AtomicUsize::new(0),
+                capacity,
+            }
+        }
+
+        pub(crate) fn push(&self, item: T) -> Result<(), T> {
+            let mut items = self.items.lock();
+            if items.len() >= self.capacity {
+                return Err(item);
+            }
+            items.push_back(item);
+            self.len.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        pub(crate) fn pop(&self) -> Option<T> {
+            let item = self.items.lock().pop_front()?;
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            Some(item)
+        }
+
+        pub(crate) fn len(&self) -> usize {
+            self.len.load(Ordering::SeqCst)
+        }
+
+        pub(crate) fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+    }
+
+    /// Unbounded: an `ArrayQueue` that is never full.
+    pub(crate) struct SegQueue<T>(ArrayQueue<T>);
+
+    impl<T> SegQueue<T> {
+        pub(crate) fn new() -> Self {
+            SegQueue(ArrayQueue::new(usize::MAX))
+        }
+
+        pub(crate) fn push(&self, item: T) {
+            // Never full.
+            let _ = self.0.push(item);
+        }
+
+        pub(crate) fn pop(&self) -> Option<T> {
+            self.0.pop()
+        }
+
+        pub(crate) fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+}

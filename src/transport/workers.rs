@@ -13,14 +13,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-#[cfg(not(loom))]
-use crossbeam_queue::{ArrayQueue, SegQueue};
-#[cfg(loom)]
-use loom_queue::{ArrayQueue, SegQueue};
-
 use crate::packet::Packet;
 use crate::proto::Ready;
-use crate::sync::{fence, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, SegQueue};
 
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
@@ -359,80 +354,6 @@ pub(crate) fn finish_stop(
     queues.drop_requests();
     queues.drain_callbacks();
     stuck
-}
-
-/// The two queues as loom sees them. crossbeam's atomics are invisible to
-/// loom, so with the real queues it would not know that a push and a
-/// worker's emptiness check conflict, and would never try the interleaving
-/// where a wakeup is lost. Here a loom atomic carries what `is_empty`
-/// reads (as crossbeam's `SeqCst` indices do) and a lock holds the items.
-#[cfg(loom)]
-mod loom_queue {
-    use std::collections::VecDeque;
-
-    use crate::sync::{AtomicUsize, Mutex, Ordering};
-
-    pub(super) struct ArrayQueue<T> {
-        items: Mutex<VecDeque<T>>,
-        len: AtomicUsize,
-        capacity: usize,
-    }
-
-    impl<T> ArrayQueue<T> {
-        pub(super) fn new(capacity: usize) -> Self {
-            ArrayQueue {
-                items: Mutex::new(VecDeque::new()),
-                len: AtomicUsize::new(0),
-                capacity,
-            }
-        }
-
-        pub(super) fn push(&self, item: T) -> Result<(), T> {
-            let mut items = self.items.lock();
-            if items.len() >= self.capacity {
-                return Err(item);
-            }
-            items.push_back(item);
-            self.len.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-
-        pub(super) fn pop(&self) -> Option<T> {
-            let item = self.items.lock().pop_front()?;
-            self.len.fetch_sub(1, Ordering::SeqCst);
-            Some(item)
-        }
-
-        pub(super) fn len(&self) -> usize {
-            self.len.load(Ordering::SeqCst)
-        }
-
-        pub(super) fn is_empty(&self) -> bool {
-            self.len() == 0
-        }
-    }
-
-    /// Unbounded: an `ArrayQueue` that is never full.
-    pub(super) struct SegQueue<T>(ArrayQueue<T>);
-
-    impl<T> SegQueue<T> {
-        pub(super) fn new() -> Self {
-            SegQueue(ArrayQueue::new(usize::MAX))
-        }
-
-        pub(super) fn push(&self, item: T) {
-            // Never full.
-            let _ = self.0.push(item);
-        }
-
-        pub(super) fn pop(&self) -> Option<T> {
-            self.0.pop()
-        }
-
-        pub(super) fn is_empty(&self) -> bool {
-            self.0.is_empty()
-        }
-    }
 }
 
 #[cfg(all(test, loom))]
