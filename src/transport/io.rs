@@ -802,9 +802,17 @@ impl RequestBatch<'_> {
     }
 
     fn decode(&mut self, c: &mut IoConn) -> Result<(), Error> {
-        let Some(service) = c.service.clone() else {
+        // Lent out of the connection for the pass rather than cloned: no
+        // refcount traffic per pass.
+        let Some(service) = c.service.take() else {
             return Ok(());
         };
+        let result = self.decode_with(c, &service);
+        c.service = Some(service);
+        result
+    }
+
+    fn decode_with(&mut self, c: &mut IoConn, service: &Service) -> Result<(), Error> {
         loop {
             // Replies can be far larger than requests: every few requests,
             // gather this pass's replies so the state machine sees whether
