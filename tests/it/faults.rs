@@ -325,13 +325,3 @@ fn replies_produced_during_shutdown_are_flushed_within_the_grace_period() {
     assert_eq!(response.unwrap().body(), "last words");
     stop(&client);
 }
-
-/// A backoff under which an open connection counts as healthy at once
-/// (no grace): these tests are about a connection lost after it was in
-/// use, which reconnects at once, not about early closes.
-fn healthy_once_open() -> Backoff {
-    Backoff {
-        grace: std::time::Duration::ZERO,
-        ..Backoff::default()
-    }
-}

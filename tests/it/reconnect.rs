@@ -8,8 +8,9 @@ use std::thread;
 use tbnet::{Backoff, ConnectionManager, Error, Packet, WhileDown};
 
 use crate::support::{
-    echo_server, echo_server_on, frame, loopback, one_request_each_way, read_frame, reserve_port,
-    send_bytes, stop, transport, within, SilentServer, HANG_GUARD, NEVER, SHORT_TIMEOUT,
+    echo_server, echo_server_on, frame, healthy_once_open, loopback, one_request_each_way,
+    read_frame, reserve_port, send_bytes, stop, transport, within, SilentServer, HANG_GUARD, NEVER,
+    SHORT_TIMEOUT,
 };
 
 #[test]
@@ -147,14 +148,4 @@ fn connections_are_reused_per_server() {
     assert_eq!(client.connections(), 2);
     assert_eq!(a.transport.stats().connections, 1);
     assert_eq!(client_transport.stats().connections_total, 2);
-}
-
-/// A backoff under which an open connection counts as healthy at once
-/// (no grace): these tests are about a connection lost after it was in
-/// use, which reconnects at once, not about early closes.
-fn healthy_once_open() -> Backoff {
-    Backoff {
-        grace: std::time::Duration::ZERO,
-        ..Backoff::default()
-    }
 }

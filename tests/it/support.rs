@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use tbnet::{Error, Packet, Responder, Transport};
+use tbnet::{Backoff, Error, Packet, Responder, Transport};
 
 /// The longest a test waits for something that should happen at once.
 pub const HANG_GUARD: Duration = Duration::from_secs(30);
@@ -506,5 +506,15 @@ pub fn gather_reversed(
         responder
             .reply(request.reply(request.body().clone()))
             .expect("reply");
+    }
+}
+
+/// A backoff under which an open connection counts as healthy at once (no
+/// grace), for tests about a connection lost after it was in use, which
+/// reconnects at once, rather than about early closes.
+pub fn healthy_once_open() -> Backoff {
+    Backoff {
+        grace: Duration::ZERO,
+        ..Backoff::default()
     }
 }
