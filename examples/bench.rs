@@ -718,7 +718,7 @@ fn main() {
             }
         }
     }
-    println!("pin: {:?}", o.pin);
+    eprintln!("pin: {:?}", o.pin);
     println!(
         "| size | shape | row | req/s | MB/s | p50 us | p99 us | cs/req | vs a |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     );
