@@ -113,6 +113,10 @@ pub struct Connection {
     connect_deadline: Option<Instant>,
     /// The deadline registered with the timer, if any.
     armed: Option<Instant>,
+    /// Every whole frame received was decoded: what is buffered (if
+    /// anything) is the start of a frame. A draining connection closes only
+    /// then, so no request it read goes unanswered.
+    decoded_all: bool,
     /// Requests handed to a handler, and how many of those were answered
     /// (replied to, or dropped unanswered).
     dispatched: u64,
@@ -145,6 +149,7 @@ impl Connection {
             last_input: now,
             connect_deadline: None,
             armed: None,
+            decoded_all: true,
             dispatched: 0,
             answered: 0,
         }
@@ -182,10 +187,11 @@ impl Connection {
         }
     }
 
-    /// Only servers stop for unwritten output: a client reading responses
+    /// Whether a server's unwritten output reached its limit (decoding and
+    /// reading stop until some is written). Only servers stop for unwritten output: a client reading responses
     /// frees memory, and pausing both ends of one connection would deadlock
     /// them (clients are bounded by refusing new requests instead).
-    fn output_full(&self) -> bool {
+    pub fn output_full(&self) -> bool {
         self.side == Side::Server && self.out.len() >= self.limits.max_outbound
     }
 
@@ -196,6 +202,8 @@ impl Connection {
         if self.phase == Phase::Connecting {
             self.phase = Phase::Open;
             self.connect_deadline = None;
+            // The connect deadline registered for it is gone.
+            self.armed = None;
             self.last_input = now;
         }
     }
@@ -209,6 +217,7 @@ impl Connection {
         let n = self.decoder.read_from(src)?;
         if n > 0 {
             self.last_input = now;
+            self.decoded_all = false;
         }
         Ok(n)
     }
@@ -217,6 +226,7 @@ impl Connection {
     pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
         self.decoder.extend_from_slice(bytes);
         self.last_input = now;
+        self.decoded_all = bytes.is_empty() && self.decoded_all;
     }
 
     /// Nothing more to read for now: lets an idle read buffer go.
@@ -229,7 +239,9 @@ impl Connection {
     pub fn handle_eof(&mut self) -> Option<CloseReason> {
         match (self.side, self.phase) {
             (Side::Client, _) => Some(CloseReason::PeerClosed),
-            (Side::Server, Phase::Open | Phase::Sniffing | Phase::Connecting) => {
+            // Not even a first request arrived whole: nothing to answer.
+            (Side::Server, Phase::Sniffing | Phase::Connecting) => Some(CloseReason::PeerClosed),
+            (Side::Server, Phase::Open) => {
                 self.phase = Phase::Draining;
                 self.poll_close()
             }
@@ -271,7 +283,9 @@ impl Connection {
         if !self.may_decode() {
             return Ok(None);
         }
-        self.decoder.next_packet(streamer)
+        let frame = self.decoder.next_packet(streamer)?;
+        self.decoded_all = frame.is_none();
+        Ok(frame)
     }
 
     // ----- requests handed to handlers (server) -----
@@ -329,7 +343,10 @@ impl Connection {
         match self.phase {
             Phase::Closing if self.out.is_empty() => Some(CloseReason::Answered),
             Phase::Draining
-                if self.out.is_empty() && self.unanswered() == 0 && !self.workers_full =>
+                if self.out.is_empty()
+                    && self.unanswered() == 0
+                    && !self.workers_full
+                    && self.decoded_all =>
             {
                 Some(CloseReason::Drained)
             }
@@ -508,6 +525,7 @@ mod tests {
         // What was read before the end of stream is still decoded.
         assert!(c.next_frame(&s).unwrap().is_some());
         c.dispatched(1);
+        assert!(c.next_frame(&s).unwrap().is_none());
         c.set_answered(1);
         assert_eq!(c.poll_close(), None);
         c.set_answered(2);
@@ -515,6 +533,38 @@ mod tests {
         assert_eq!(c.poll_close(), None, "the replies are not written yet");
         c.wrote(5);
         assert_eq!(c.poll_close(), Some(CloseReason::Drained));
+    }
+
+    #[test]
+    fn a_draining_connection_decodes_what_it_read_before_it_closes() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let mut c = Connection::server(t0, limits(), false);
+        let mut input = frame(1, b"a");
+        input.extend(frame(2, b"b"));
+        c.handle_input(&input, t0);
+        assert!(c.next_frame(&s).unwrap().is_some());
+        c.dispatched(1);
+        // The reply fills the output: decoding stops with frame 2 buffered.
+        c.out().push_raw(Bytes::from(vec![0; 2048]));
+        assert!(c.next_frame(&s).unwrap().is_none());
+        assert_eq!(c.handle_eof(), None);
+        c.set_answered(1);
+        c.wrote(2048);
+        assert_eq!(c.poll_close(), None, "frame 2 is still to be answered");
+        assert!(c.next_frame(&s).unwrap().is_some());
+        c.dispatched(1);
+        assert!(c.next_frame(&s).unwrap().is_none());
+        c.set_answered(2);
+        assert_eq!(c.poll_close(), Some(CloseReason::Drained));
+    }
+
+    #[test]
+    fn end_of_stream_while_sniffing_closes() {
+        let t0 = Instant::now();
+        let mut c = Connection::server(t0, limits(), true);
+        c.handle_input(b"GET /sta", t0);
+        assert_eq!(c.handle_eof(), Some(CloseReason::PeerClosed));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use slab::Slab;
 
 use crate::error::Error;
 use crate::packet::Packet;
-use crate::proto::{CloseReason, Connection, Hold, Limits, Phase, Ready, Side};
+use crate::proto::{CloseReason, Connection, Limits, Phase, Ready, Side};
 
 use super::conn::{Conn, NO_TOKEN};
 use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
@@ -596,9 +596,12 @@ impl IoLoop {
         let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
             return;
         };
-        let held_for_output = c.state.hold() == Some(Hold::PeerNotReading);
+        let was_full = c.state.output_full();
         let failed = 'outer: loop {
-            if c.state.wants_output() {
+            // Only when something was asked to be flushed: frames queued
+            // without a flush request are taken by `end_batch` or
+            // `set_draining` instead.
+            if c.state.wants_output() && c.conn.flush_pending() {
                 let answered = c.conn.take_output(c.state.out());
                 c.state.set_answered(answered);
             }
@@ -633,14 +636,12 @@ impl IoLoop {
             self.close(token, close_error(reason));
             return;
         }
-        match (
-            held_for_output,
-            c.state.hold() == Some(Hold::PeerNotReading),
-        ) {
+        match (was_full, c.state.output_full()) {
             (false, true) => {
                 tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
             }
-            // Reading stopped short of `WouldBlock`: no edge will come.
+            // Decoding (and reading) stopped short: no edge will come, and a
+            // draining connection may still hold whole requests.
             (true, false) => self.again.push(token),
             _ => {}
         }
@@ -768,9 +769,10 @@ fn decode_responses(
 /// One pass over a server connection's buffered requests: the context
 /// passed down the decode, from the first request to the last.
 ///
-/// Replies made while it runs (by handlers on this thread, or workers that
-/// are quick) join the connection's queue without a flush request each;
-/// the IO thread takes them when the pass ends.
+/// With inline dispatch, replies made while it runs (by the handlers on
+/// this thread, or any thread they hand a responder to) join the
+/// connection's queue without a flush request each; the IO thread takes
+/// them when the pass ends. Worker replies ask for flushes as usual.
 struct RequestBatch<'a> {
     shared: &'a Shared,
     paused: &'a mut Vec<usize>,
