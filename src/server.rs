@@ -192,8 +192,7 @@ impl Responder {
                 "reply sent"
             );
         }
-        let conn = reply.conn().clone();
-        reply.send(response).inspect_err(|_| conn.reply_dropped())
+        reply.send(response)
     }
 }
 

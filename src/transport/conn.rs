@@ -270,14 +270,10 @@ impl Conn {
         self.queue_frame(packet, false)
     }
 
-    /// Queues a server's reply and counts its request as answered.
+    /// Queues a server's reply and counts its request as answered; a reply
+    /// refused (the connection closed, or too large) is counted as dropped.
     pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
         self.queue_frame(packet, true)
-    }
-
-    /// A reply could not be sent: counted in the transport's stats.
-    pub(crate) fn reply_dropped(&self) {
-        self.shared.stats.reply_dropped();
     }
 
     /// A request no route wanted: counted in the transport's stats.
@@ -303,6 +299,7 @@ impl Conn {
         if let Some(error) = self.too_large(&packet) {
             if reply {
                 self.answered_without_reply();
+                self.shared.stats.reply_dropped();
             }
             return Err(SendError::new(error, packet));
         }
@@ -314,6 +311,9 @@ impl Conn {
             if let Status::Closed(error) = &state.status {
                 let error = error.clone();
                 drop(state);
+                if reply {
+                    self.shared.stats.reply_dropped();
+                }
                 return Err(SendError::new(error, packet));
             }
             // Replies are never refused (reading pauses instead); a client's
@@ -384,7 +384,9 @@ impl Conn {
         }
     }
 
-    /// Whether frames are queued and a flush was asked for.
+    /// Whether a flush was asked for and not yet taken (frames may have been
+    /// taken meanwhile by `end_batch` or `set_draining`: then the flush
+    /// finds nothing, which is harmless).
     pub(crate) fn flush_pending(&self) -> bool {
         self.flush_scheduled.load(Ordering::Acquire)
     }
@@ -440,23 +442,35 @@ impl Conn {
 
     /// Timer thread: ends the requests due at `now` with `Timeout` and
     /// registers the next deadline.
-    pub(crate) fn expire(self: &Arc<Self>, now: Instant) {
+    ///
+    /// `fired` is the entry that brought the timer here; it has left the
+    /// table. A submit may have registered an earlier entry meanwhile: that
+    /// one stays the connection's, so no entry is ever left untracked.
+    pub(crate) fn expire(self: &Arc<Self>, fired: TimerKey, now: Instant) {
         let mut expired = Vec::new();
-        {
+        let replaced = {
             let mut state = self.state.lock();
-            // The entry that fired has left the table.
-            state.requests_timer = None;
+            if state.requests_timer == Some(fired) {
+                state.requests_timer = None;
+            }
             if matches!(state.status, Status::Closed(_)) {
                 return;
             }
             state.pool.expire(now, &mut expired);
-            if let Some(next) = state.pool.next_deadline() {
-                // On the timer thread itself: nobody to wake.
-                state.requests_timer = (self.shared.timer)
-                    .insert_quietly(next, Kind::Requests, self.clone())
-                    .map(|(key, _)| key);
+            let next = state.pool.next_deadline();
+            match (next, state.requests_timer) {
+                (Some(next), tracked) if tracked.map_or(true, |(at, _)| next < at) => {
+                    // On the timer thread itself: nobody to wake.
+                    state.requests_timer = (self.shared.timer)
+                        .insert_quietly(next, Kind::Requests, self.clone())
+                        .map(|(key, _)| key);
+                    tracked.and_then(|key| self.shared.timer.remove(key))
+                }
+                _ => None,
             }
-        }
+        };
+        // Dropped after the lock: it may be the last reference.
+        drop(replaced);
         let outcomes = Outcomes::new(&self.shared, expired);
         if outcomes.len() > 0 {
             self.shared.stats.pending_removed(outcomes.len());
@@ -482,7 +496,8 @@ impl Conn {
             }
             let now = Instant::now();
             state.closed_at = Some(now);
-            if self.side == Side::Client {
+            // Our own shutdown says nothing about the peer's health.
+            if self.side == Side::Client && !matches!(error, Error::Shutdown) {
                 let proved =
                     state.responded || state.opened_at.is_some_and(|at| now - at >= self.grace);
                 state.ended_early = !proved;
@@ -536,9 +551,11 @@ impl Conn {
 
 impl Cancel for Conn {
     fn cancel(&self, id: ChannelId) {
-        let cancelled: Vec<Ready> = self.state.lock().pool.cancel(id).into_iter().collect();
-        self.shared.stats.pending_removed(cancelled.len());
-        drop(Outcomes::new(&self.shared, cancelled));
+        let cancelled = self.state.lock().pool.cancel(id);
+        if let Some(ready) = cancelled {
+            self.shared.stats.pending_removed(1);
+            self.shared.deliver_all(std::iter::once(ready));
+        }
     }
 }
 
@@ -647,7 +664,7 @@ mod loom_tests {
                 let conn = conn.clone();
                 thread::spawn(move || {
                     if let Some(due) = conn.shared.timer.remove(key) {
-                        due.expire(t0 + Duration::from_secs(3600));
+                        due.expire(key, t0 + Duration::from_secs(3600));
                     }
                 })
             };

@@ -123,7 +123,7 @@ impl TimerTable {
 
     /// Sleeps until something is due (or the timer stops: `false`), then
     /// moves every due entry into `due`.
-    fn wait_due(&self, due: &mut Vec<(Kind, Arc<Conn>)>) -> bool {
+    fn wait_due(&self, due: &mut Vec<(TimerKey, Kind, Arc<Conn>)>) -> bool {
         let mut state = self.state.lock();
         loop {
             if state.stopping {
@@ -131,11 +131,12 @@ impl TimerTable {
             }
             let now = Instant::now();
             while let Some(entry) = state.table.first_entry() {
+                let key = *entry.key();
                 if entry.key().0 > now {
                     break;
                 }
                 let Entry { kind, conn } = entry.remove();
-                due.push((kind, conn));
+                due.push((key, kind, conn));
             }
             if !due.is_empty() {
                 state.sleeping_until = None;
@@ -154,9 +155,9 @@ pub(crate) fn run(shared: &Shared) {
     let mut due = Vec::new();
     while shared.timer.wait_due(&mut due) {
         let now = Instant::now();
-        for (kind, conn) in due.drain(..) {
+        for (key, kind, conn) in due.drain(..) {
             match kind {
-                Kind::Requests => conn.expire(now),
+                Kind::Requests => conn.expire(key, now),
                 // The IO thread decides: input or a completed connect may
                 // have moved the deadline meanwhile.
                 Kind::Connection => shared.command(Command::Timeout(conn)),
