@@ -1,5 +1,7 @@
-//! The only place that names lock, atomic and (for the workers) queue types,
-//! so loom can swap them in.
+//! The only place that names lock and atomic types, and the workers' queue
+//! types, so loom can swap them in. (The IO thread's command queue stays
+//! crossbeam's: loom models reach it only through the waker, whose own
+//! model stands in for it.)
 //!
 //! Lock order (a thread holding one may take only those below it):
 //! 1. the connection manager's map of connections;

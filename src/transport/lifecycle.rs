@@ -1,4 +1,7 @@
-//! Where the transport is in its life: one enum, every transition here.
+//! Where the transport is in its life: one enum, every transition of it
+//! here. (The worker pool and the timer keep a stopping flag of their own
+//! under their own locks, set by `Transport::stop` as it moves through
+//! these phases; `wait` returns once `stop` is entirely done.)
 //!
 //! ```text
 //! Running ──stop()──► Stopping ──IO thread gone──► IoStopped ──workers gone──► Stopped

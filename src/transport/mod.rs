@@ -185,7 +185,7 @@ impl Shared {
         self.lifecycle.is_stopping()
     }
 
-    /// Starts listening on `socket` for `service` (the server layer's
+    /// Starts listening on `addr` for `service` (the server layer's
     /// `listen`). Returns the bound address.
     pub(crate) fn listen(&self, addr: SocketAddr, service: Service) -> Result<SocketAddr, Error> {
         if self.is_stopping() {

@@ -163,9 +163,9 @@ pub struct StatsSnapshot {
     pub worker_queue: u64,
     /// Requests a [`Router`](crate::Router) had no route for and dropped.
     pub unrouted: u64,
-    /// Server connections whose peer ended its sending side (end of stream)
-    /// while open: the server then drains them, answering what it read
-    /// before closing.
+    /// Server connections whose peer ended its sending side (end of stream):
+    /// the server then drains them, answering what it read before closing
+    /// (a connection still being sniffed just closes).
     pub half_closes: u64,
     /// Client connections this transport tried to open (first connects and
     /// reconnects).
