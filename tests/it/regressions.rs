@@ -234,3 +234,25 @@ fn slow_callbacks_let_responses_queue_without_bound() {
     stop(&client);
     stop(&server.transport);
 }
+
+#[test]
+fn stopping_the_client_counted_its_young_connections_as_early_failures() {
+    let server = SilentServer::start();
+    let client_transport = transport();
+    let client = ConnectionManager::new(&client_transport);
+    // An open connection with no response yet, well within the grace.
+    let pending = client
+        .call_async(server.addr, Packet::new(1, "held"), Some(NEVER))
+        .expect("send");
+    server.wait_received(1);
+    stop(&client_transport);
+    let outcome = within("the pending call", move || tokio_test::block_on(pending));
+    assert!(matches!(outcome, Err(Error::Shutdown)), "{outcome:?}");
+    let stats = client_transport.stats();
+    assert_eq!(stats.connect_attempts, 1);
+    assert_eq!(
+        stats.early_failures, 0,
+        "our own shutdown is no failure of the peer"
+    );
+    stop(&server.transport);
+}
