@@ -25,65 +25,42 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use load::{Bodies, Mode, Progress, Run};
 use tbnet::{ConnectionManager, Dispatch, Packet, Responder, Transport};
 
-#[derive(Clone, Debug)]
+/// tbnet echo client: drives an echo server and checks every answer.
+#[derive(Parser, Clone, Debug)]
+#[command(version)]
 struct Args {
+    /// Server to drive; absent, an embedded echo server on 127.0.0.1:0.
+    #[arg(long)]
     addr: Option<SocketAddr>,
-    conns: usize,
-    depth: usize,
+    /// Connections (one `ConnectionManager` each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    conns: u64,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    depth: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
     secs: f64,
+    /// How to wait for answers.
+    #[arg(long, value_enum, default_value_t = Mode::Call)]
     mode: Mode,
+    /// Print one JSON line (`rps`, `p50_us`, `p99_us`, `errors`, `mismatches`, ...) instead of the summary.
+    #[arg(long)]
     json: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: None,
-        conns: 1,
-        depth: 1,
-        size: 64,
-        secs: 5.0,
-        mode: Mode::Call,
-        json: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
-            v.parse().map_err(|_| format!("{flag}: not a number: {v}"))
-        }
-        match flag.as_str() {
-            "--addr" => args.addr = Some(value()?.parse().map_err(|e| format!("--addr: {e}"))?),
-            "--conns" => args.conns = num(&flag, value()?)?,
-            "--depth" => args.depth = num(&flag, value()?)?,
-            "--size" => args.size = num(&flag, value()?)?,
-            "--secs" => args.secs = num(&flag, value()?)?,
-            "--mode" => {
-                let v = value()?;
-                args.mode = Mode::parse(&v)
-                    .ok_or(format!("--mode: expected call|callback|future, got {v}"))?;
-            }
-            "--json" => args.json = true,
-            "-h" | "--help" => {
-                println!(
-                    "usage: echo_client [--addr HOST:PORT] [--conns N] [--depth D] [--size BYTES] \
-                     [--secs S] [--mode call|callback|future] [--json]"
-                );
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s} is not a positive number of seconds")),
     }
-    if args.conns == 0 || args.depth == 0 {
-        return Err("--conns and --depth must be at least 1".into());
-    }
-    if args.secs.is_nan() || args.secs <= 0.0 {
-        return Err("--secs must be positive".into());
-    }
-    Ok(args)
 }
 
 fn echo(request: Packet, responder: Responder) {
@@ -91,13 +68,8 @@ fn echo(request: Packet, responder: Responder) {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("echo_client: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
+    let (conns, depth) = (args.conns as usize, args.depth as usize);
     // The embedded server gets its own transport, as a separate process would.
     let embedded = if args.addr.is_none() {
         let server = Transport::builder()
@@ -123,7 +95,7 @@ fn main() -> ExitCode {
         .expect("an address");
     // Room for every request in flight, so large bodies meet back-pressure
     // rather than QueueFull.
-    let max_outbound = tbnet::DEFAULT_MAX_OUTBOUND.max(2 * args.depth * (args.size + 16));
+    let max_outbound = tbnet::DEFAULT_MAX_OUTBOUND.max(2 * depth * (args.size + 16));
     let transport = match Transport::builder().max_outbound(max_outbound).start() {
         Ok(t) => t,
         Err(e) => {
@@ -131,8 +103,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let managers = (0..args.conns)
-        .map(|_| Arc::new(ConnectionManager::new(&transport).with_queue_limit(args.depth.max(256))))
+    let managers = (0..conns)
+        .map(|_| Arc::new(ConnectionManager::new(&transport).with_queue_limit(depth.max(256))))
         .collect();
     let started = Instant::now();
     let run = Arc::new(Run {
@@ -168,7 +140,7 @@ fn main() -> ExitCode {
         })
     };
 
-    let tally = load::drive(&run, args.mode, args.depth);
+    let tally = load::drive(&run, args.mode, depth);
     let elapsed = started.elapsed().as_secs_f64();
     reporting.store(0, Ordering::Relaxed);
     reporter.thread().unpark();

@@ -13,40 +13,25 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use clap::Parser;
 use tbnet::{Dispatch, Packet, Responder, Transport};
 
+/// tbnet echo server: answers every request with its own packet code and body.
+#[derive(Parser, Debug)]
+#[command(version)]
 struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8765")]
     addr: SocketAddr,
+    /// Worker threads that handle requests; 0 handles them on the IO thread.
+    #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
+    #[arg(long)]
     status: bool,
+    /// Log each request's life at debug level (to stderr).
+    #[arg(short, long)]
     verbose: bool,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: "127.0.0.1:8765".parse().expect("valid default address"),
-        workers: 0,
-        status: false,
-        verbose: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--addr" => args.addr = value()?.parse().map_err(|e| format!("--addr: {e}"))?,
-            "--workers" => {
-                args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?
-            }
-            "--status" => args.status = true,
-            "-v" | "--verbose" => args.verbose = true,
-            "-h" | "--help" => {
-                println!("usage: echo_server [--addr HOST:PORT] [--workers N] [--status] [-v]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(args)
 }
 
 fn echo(request: Packet, responder: Responder) {
@@ -56,13 +41,7 @@ fn echo(request: Packet, responder: Responder) {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("echo_server: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     if args.verbose {
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)

@@ -21,6 +21,7 @@ use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
+use clap::Parser;
 use kv::{Delete, Deleted, Entries, Get, Put, Scan, Stored, Value, BAD_LIMIT, NOT_FOUND};
 use tbnet::{ConnectionManager, Error, Message, Transport, WaitObject};
 
@@ -190,22 +191,21 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
     Ok(())
 }
 
+/// A client for `kv_server` that uses every way of waiting and checks every answer.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Server to use; absent, an embedded kv server on 127.0.0.1:0.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// Keys to store, read back and scan.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+}
+
 fn main() -> ExitCode {
-    let mut addr: Option<SocketAddr> = None;
-    let mut keys = 100usize;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_default();
-        let ok = match flag.as_str() {
-            "--addr" => value.parse().map(|a| addr = Some(a)).is_ok(),
-            "--keys" => value.parse().map(|n: usize| keys = n.max(1)).is_ok(),
-            _ => false,
-        };
-        if !ok {
-            eprintln!("usage: kv_client [--addr HOST:PORT] [--keys N]");
-            return ExitCode::from(2);
-        }
-    }
+    let Args { addr, keys } = Args::parse();
+    let keys = keys as usize;
     let embedded = match addr {
         Some(_) => None,
         None => match kv::start("127.0.0.1:0".parse().expect("valid address"), 2, false) {

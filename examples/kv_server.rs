@@ -17,36 +17,38 @@ mod kv;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// A small in-memory key-value server on tbnet.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8766")]
+    addr: SocketAddr,
+    /// Worker threads that handle requests.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
+    #[arg(long)]
+    status: bool,
+    /// Log each request's life at debug level (to stderr).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
 fn main() -> ExitCode {
-    let mut addr: SocketAddr = "127.0.0.1:8766".parse().expect("valid default address");
-    let mut workers = 4;
-    let mut status = false;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let parsed = match flag.as_str() {
-            "--addr" => value()
-                .and_then(|v| v.parse().map_err(|e| format!("--addr: {e}")))
-                .map(|a| addr = a),
-            "--workers" => value()
-                .and_then(|v| v.parse().map_err(|e| format!("--workers: {e}")))
-                .map(|n| workers = n),
-            "--status" => {
-                status = true;
-                Ok(())
-            }
-            "-v" | "--verbose" => {
-                tracing_subscriber::fmt()
-                    .with_max_level(tracing::Level::DEBUG)
-                    .with_writer(std::io::stderr)
-                    .init();
-                Ok(())
-            }
-            other => Err(format!("unknown argument {other}")),
-        };
-        if let Err(e) = parsed {
-            return usage(&e);
-        }
+    let Args {
+        addr,
+        workers,
+        status,
+        verbose,
+    } = Args::parse();
+    if verbose {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::stderr)
+            .init();
     }
     match kv::start(addr, workers, status) {
         Ok((transport, local)) => {
@@ -59,11 +61,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn usage(error: &str) -> ExitCode {
-    eprintln!(
-        "kv_server: {error}\nusage: kv_server [--addr HOST:PORT] [--workers N] [--status] [-v]"
-    );
-    ExitCode::from(2)
 }

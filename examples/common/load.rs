@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use tbnet::{ConnectionManager, Error, Packet, ResponseFuture};
 
 /// How a driver waits for its responses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// `ConnectionManager::call`, one blocked thread per request in flight.
     Call,
@@ -30,15 +30,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "call" => Some(Mode::Call),
-            "callback" => Some(Mode::Callback),
-            "future" => Some(Mode::Future),
-            _ => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Mode::Call => "call",
