@@ -15,7 +15,7 @@ use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
 use crate::proto::Side;
 use crate::sync::Mutex;
-use crate::transport::{Command, Conn, Rejected, Transport};
+use crate::transport::{Command, Conn, Rejected, Security, Transport};
 
 /// Default limit of requests pending on one connection (tbnet's
 /// ConnectionManager default).
@@ -227,6 +227,7 @@ pub struct ConnectionManager {
     default_timeout: Duration,
     backoff: Backoff,
     while_down: WhileDown,
+    security: Security,
 }
 
 impl Drop for ConnectionManager {
@@ -271,7 +272,21 @@ impl ConnectionManager {
             default_timeout: DEFAULT_TIMEOUT,
             backoff: Backoff::default(),
             while_down: WhileDown::default(),
+            security: Security::Plain,
         }
+    }
+
+    /// Connects with TLS (feature `tls`): the same frames, inside TLS, to
+    /// servers whose certificate `tls` trusts. Applies to connections
+    /// opened afterwards. A failed handshake (untrusted or expired
+    /// certificate, wrong name, a server that refuses the client's
+    /// certificate) closes the connection: its requests fail with
+    /// [`Error::Disconnected`], and it counts as a failed attempt for the
+    /// reconnect [`Backoff`].
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: crate::transport::TlsClientConfig) -> Self {
+        self.security = Security::Client(tls);
+        self
     }
 
     /// The delays between reconnect attempts (default: [`Backoff::default`],
@@ -619,13 +634,16 @@ impl ConnectionManager {
                 _ => {}
             }
         }
-        let conn = Arc::new(Conn::new(
-            shared.clone(),
-            server,
-            Side::Client,
-            self.queue_limit,
-            self.backoff.grace,
-        ));
+        let conn = Arc::new(
+            Conn::new(
+                shared.clone(),
+                server,
+                Side::Client,
+                self.queue_limit,
+                self.backoff.grace,
+            )
+            .with_security(self.security.clone()),
+        );
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);
         let mut stats = conns
             .get(&server)

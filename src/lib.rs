@@ -414,8 +414,15 @@ pub use message::{
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
+pub use server::ListenOptions;
 pub use server::{Dispatch, Responder, ServerAdaptor};
-pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
+pub use transport::{
+    AllowList, Cidr, CidrParseError, StatsSnapshot, Transport, TransportBuilder,
+    DEFAULT_BUDGET_CONNECTIONS, DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_OUTBOUND,
+};
+#[cfg(feature = "tls")]
+pub use transport::{TlsClientConfig, TlsServerConfig};
 
 /// tbnet's name for [`ServerAdaptor`].
 pub use server::ServerAdaptor as IServerAdaptor;

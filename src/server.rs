@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
-use crate::transport::{ReplyTo, RequestHandler, Service, Sniffer, Transport};
+use crate::transport::{
+    AllowList, Policy, ReplyTo, RequestHandler, Security, Service, Sniffer, Transport,
+};
 
 pub use crate::transport::Dispatch;
 
@@ -103,16 +105,117 @@ impl Transport {
         adaptor: A,
         dispatch: Dispatch,
     ) -> Result<SocketAddr, Error> {
-        let sniffer: Option<Arc<dyn Sniffer>> = self
-            .config()
-            .status_page
-            .then(|| Arc::new(crate::status::StatusPage) as Arc<dyn Sniffer>);
+        self.listen_with_options(addr, adaptor, ListenOptions::new().dispatch(dispatch))
+    }
+
+    /// Like [`listen`](Self::listen), with this listener's own admission
+    /// rules (allow-list, connection limit), dispatch and TLS.
+    ///
+    /// # Errors
+    /// As for [`listen`](Self::listen).
+    ///
+    /// # Examples
+    /// Only loopback peers, at most 100 at once:
+    /// ```
+    /// use tbnet::{AllowList, ListenOptions, Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let options = ListenOptions::new()
+    ///     .allow(AllowList::loopback())
+    ///     .max_connections(100);
+    /// let echo = |req: Packet, resp: Responder| { let _ = resp.reply(req.reply(req.body().clone())); };
+    /// let addr = transport.listen_with_options("127.0.0.1:0".parse().unwrap(), echo, options)?;
+    /// # transport.stop();
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn listen_with_options<A: ServerAdaptor>(
+        &self,
+        addr: SocketAddr,
+        adaptor: A,
+        options: ListenOptions,
+    ) -> Result<SocketAddr, Error> {
+        let config = self.config();
+        let sniffer: Option<Arc<dyn Sniffer>> = config.status_page.then(|| {
+            Arc::new(crate::status::StatusPage {
+                allow: config.status_allow.clone(),
+            }) as Arc<dyn Sniffer>
+        });
         let service = Service {
             handler: Arc::new(Adapted(adaptor)),
-            dispatch,
+            dispatch: options.dispatch.unwrap_or(config.dispatch),
             sniffer,
+            policy: Policy {
+                allow: options.allow,
+                max_connections: options.max_connections,
+            },
+            security: options.security,
         };
         self.shared().listen(addr, service)
+    }
+}
+
+/// One listener's settings
+/// ([`Transport::listen_with_options`]): who may connect, how many at
+/// once, where requests are handled, and TLS.
+///
+/// Every setting defaults to the transport's behaviour: everyone admitted,
+/// no limit but the transport's
+/// ([`TransportBuilder::max_connections`](crate::TransportBuilder::max_connections)),
+/// the builder's dispatch, plain TCP.
+#[derive(Clone, Default)]
+pub struct ListenOptions {
+    dispatch: Option<Dispatch>,
+    allow: AllowList,
+    max_connections: Option<usize>,
+    security: Security,
+}
+
+impl fmt::Debug for ListenOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenOptions")
+            .field("dispatch", &self.dispatch)
+            .field("allow", &self.allow)
+            .field("max_connections", &self.max_connections)
+            .field("tls", &!matches!(self.security, Security::Plain))
+            .finish()
+    }
+}
+
+impl ListenOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        ListenOptions::default()
+    }
+
+    /// Where this listener's requests are handled (default: the builder's
+    /// [`dispatch`](crate::TransportBuilder::dispatch)).
+    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = Some(dispatch);
+        self
+    }
+
+    /// The peers admitted (default: everyone). Checked at accept, before
+    /// any byte is read: any other peer's connection is closed at once and
+    /// counted in [`StatsSnapshot::refused`](crate::StatsSnapshot::refused).
+    pub fn allow(mut self, allow: AllowList) -> Self {
+        self.allow = allow;
+        self
+    }
+
+    /// Most connections open on this listener at once (default: no limit
+    /// but the transport's). One over it is closed at accept and counted
+    /// in [`StatsSnapshot::over_limit`](crate::StatsSnapshot::over_limit).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// Serves TLS instead of plain TCP (feature `tls`): the same frames
+    /// inside.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::transport::TlsServerConfig) -> Self {
+        self.security = Security::Server(tls);
+        self
     }
 }
 

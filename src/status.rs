@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::transport::{SniffContext, Sniffed, Sniffer, StatsSnapshot, TransportBuilder};
+use crate::transport::{
+    AllowList, SniffContext, Sniffed, Sniffer, StatsSnapshot, TransportBuilder,
+};
 
 /// Longest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -92,6 +94,9 @@ impl TransportBuilder {
     /// requests are closed unanswered. tbnet's own servers answered such
     /// status requests through their HTTP streamer.
     ///
+    /// Only peers on [`status_allow`](Self::status_allow) (default:
+    /// loopback) are answered: the counters say much about a server.
+    ///
     /// # Examples
     /// ```
     /// use std::io::{Read, Write};
@@ -113,14 +118,20 @@ impl TransportBuilder {
     }
 }
 
-/// The status page as a listener's first-bytes sniffer.
-pub(crate) struct StatusPage;
+/// The status page as a listener's first-bytes sniffer, answering the
+/// peers `allow` admits.
+pub(crate) struct StatusPage {
+    pub(crate) allow: AllowList,
+}
 
 impl Sniffer for StatusPage {
     fn sniff(&self, first_bytes: &[u8], context: &SniffContext<'_>) -> Sniffed {
         match sniff(first_bytes) {
             Sniff::Unsure => Sniffed::NeedMore,
             Sniff::Frames => Sniffed::Frames,
+            Sniff::Http if !self.allow.admits(context.peer.ip()) => {
+                Sniffed::Refuse("peer not on the status page's allow-list")
+            }
             Sniff::Http => match parse(first_bytes) {
                 Ok(None) => Sniffed::NeedMore,
                 Ok(Some(request)) => {
@@ -158,7 +169,7 @@ pub(crate) fn respond(request: &Request, stats: &StatsSnapshot, uptime: Duration
 fn counters(
     stats: &StatsSnapshot,
     uptime: Duration,
-) -> [(&'static str, &'static str, &'static str, f64); 17] {
+) -> [(&'static str, &'static str, &'static str, f64); 27] {
     [
         (
             "connections",
@@ -249,6 +260,66 @@ fn counters(
             "counter",
             "Client connections that ended before they proved healthy",
             stats.early_failures as f64,
+        ),
+        (
+            "refused_total",
+            "counter",
+            "Connections refused by a listener's allow-list",
+            stats.refused as f64,
+        ),
+        (
+            "over_limit_total",
+            "counter",
+            "Connections closed at accept for a connection limit",
+            stats.over_limit as f64,
+        ),
+        (
+            "accept_errors_total",
+            "counter",
+            "Accepts that failed for lack of resources",
+            stats.accept_errors as f64,
+        ),
+        (
+            "first_frame_timeouts_total",
+            "counter",
+            "Connections closed for sending no first frame in time",
+            stats.first_frame_timeouts as f64,
+        ),
+        (
+            "handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed or timed out",
+            stats.handshake_failures as f64,
+        ),
+        (
+            "status_refused_total",
+            "counter",
+            "Status requests from peers not on the status allow-list",
+            stats.status_refused as f64,
+        ),
+        (
+            "poll_wakeups_total",
+            "counter",
+            "Times the IO thread woke from waiting for events",
+            stats.poll_wakeups as f64,
+        ),
+        (
+            "memory_bytes",
+            "gauge",
+            "Bytes held in read buffers and unwritten output",
+            stats.memory as f64,
+        ),
+        (
+            "budget_holds_total",
+            "counter",
+            "Connections paused because the memory budget was spent",
+            stats.budget_holds as f64,
+        ),
+        (
+            "in_flight_holds_total",
+            "counter",
+            "Connections paused at their limit of requests in flight",
+            stats.in_flight_holds as f64,
         ),
         (
             "worker_queue",

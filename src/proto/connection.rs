@@ -68,6 +68,12 @@ pub enum Hold {
     PeerClosed,
     /// Closing after a last response ([`Phase::Closing`]).
     Closing,
+    /// A server connection has [`Limits::max_in_flight`] requests handed to
+    /// handlers and unanswered: reading resumes as answers go out.
+    InFlight,
+    /// The transport's memory budget is spent and this connection holds
+    /// more than its share: reading resumes when the budget has room.
+    MemoryBudget,
 }
 
 /// Why the state machine decided the connection should close.
@@ -83,6 +89,12 @@ pub enum CloseReason {
     Drained,
     /// The last response after sniffing is written.
     Answered,
+    /// A server connection sent no complete first frame (or status-page
+    /// request head) within [`Limits::first_frame_timeout`].
+    FirstFrameTimedOut,
+    /// The byte stream's handshake (TLS) did not finish within
+    /// [`Limits::handshake_timeout`].
+    HandshakeTimedOut,
 }
 
 /// Limits a connection lives by.
@@ -96,6 +108,14 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Bytes offered to one read at most.
     pub read_chunk: usize,
+    /// Server connections: close unless a whole first frame (or status-page
+    /// request head) arrives within this long of the accept.
+    pub first_frame_timeout: Option<Duration>,
+    /// How long a byte-stream handshake (TLS) may take once it starts.
+    pub handshake_timeout: Duration,
+    /// Server connections: requests handed to handlers and not yet answered
+    /// past which reading stops.
+    pub max_in_flight: usize,
 }
 
 /// One connection's state: decoder, write queue, phase, holds and deadlines.
@@ -111,6 +131,12 @@ pub struct Connection {
     /// When the peer last sent bytes (or the connection opened).
     last_input: Instant,
     connect_deadline: Option<Instant>,
+    /// Until the first whole frame (servers; `None` once it arrived).
+    first_frame_deadline: Option<Instant>,
+    /// Until the byte stream's handshake ends (`None` without one, or done).
+    handshake_deadline: Option<Instant>,
+    /// Held by the transport's memory budget.
+    budget_held: bool,
     /// The deadline registered with the timer, if any.
     armed: Option<Instant>,
     /// Every whole frame received was decoded: what is buffered (if
@@ -135,7 +161,9 @@ impl Connection {
     /// go to a sniffer before any frame is decoded.
     pub fn server(now: Instant, limits: Limits, sniff: bool) -> Self {
         let phase = if sniff { Phase::Sniffing } else { Phase::Open };
-        Self::new(Side::Server, phase, now, limits)
+        let mut c = Self::new(Side::Server, phase, now, limits);
+        c.first_frame_deadline = limits.first_frame_timeout.map(|t| now + t);
+        c
     }
 
     fn new(side: Side, phase: Phase, now: Instant, limits: Limits) -> Self {
@@ -148,6 +176,9 @@ impl Connection {
             workers_full: false,
             last_input: now,
             connect_deadline: None,
+            first_frame_deadline: None,
+            handshake_deadline: None,
+            budget_held: false,
             armed: None,
             decoded_all: true,
             dispatched: 0,
@@ -173,6 +204,8 @@ impl Connection {
             Phase::Draining => Some(Hold::PeerClosed),
             Phase::Sniffing | Phase::Open if self.workers_full => Some(Hold::WorkersFull),
             Phase::Sniffing | Phase::Open if self.output_full() => Some(Hold::PeerNotReading),
+            Phase::Sniffing | Phase::Open if self.in_flight_full() => Some(Hold::InFlight),
+            Phase::Sniffing | Phase::Open if self.budget_held => Some(Hold::MemoryBudget),
             Phase::Sniffing | Phase::Open => None,
         }
     }
@@ -182,7 +215,12 @@ impl Connection {
     /// workers nor the peer are behind.
     pub fn may_decode(&self) -> bool {
         match self.phase {
-            Phase::Open | Phase::Draining => !self.workers_full && !self.output_full(),
+            Phase::Open | Phase::Draining => {
+                !self.workers_full
+                    && !self.output_full()
+                    && !self.in_flight_full()
+                    && !self.budget_held
+            }
             Phase::Connecting | Phase::Sniffing | Phase::Closing => false,
         }
     }
@@ -193,6 +231,46 @@ impl Connection {
     /// them (clients are bounded by refusing new requests instead).
     pub fn output_full(&self) -> bool {
         self.side == Side::Server && self.out.len() >= self.limits.max_outbound
+    }
+
+    /// Whether a server has [`Limits::max_in_flight`] requests unanswered
+    /// (decoding and reading stop until answers go out).
+    pub fn in_flight_full(&self) -> bool {
+        self.side == Side::Server && self.unanswered() >= self.limits.max_in_flight as u64
+    }
+
+    /// Whether the peer is behind: unwritten output or unanswered requests
+    /// at their limits. Reading resumes once neither is.
+    pub fn backlogged(&self) -> bool {
+        self.output_full() || self.in_flight_full()
+    }
+
+    /// The transport's memory budget holds (`true`) or releases this
+    /// connection's reading and decoding.
+    pub fn set_budget_hold(&mut self, held: bool) {
+        self.budget_held = held;
+    }
+
+    /// Memory this connection's buffers hold: the read buffer's capacity
+    /// and the unwritten output.
+    pub fn memory(&self) -> usize {
+        self.decoder.capacity() + self.out.len()
+    }
+
+    /// A byte-stream handshake (TLS) starts at `now`; it must end within
+    /// [`Limits::handshake_timeout`].
+    pub fn start_handshake(&mut self, now: Instant) {
+        self.handshake_deadline = Some(now + self.limits.handshake_timeout);
+    }
+
+    /// Whether a handshake started and has not ended.
+    pub fn in_handshake(&self) -> bool {
+        self.handshake_deadline.is_some()
+    }
+
+    /// The handshake ended.
+    pub fn handshake_done(&mut self) {
+        self.handshake_deadline = None;
     }
 
     // ----- input -----
@@ -268,6 +346,7 @@ impl Connection {
 
     /// Sniffing: answers with `response` and closes once it is written.
     pub fn respond_and_close(&mut self, response: Bytes) {
+        self.first_frame_deadline = None;
         self.out.push_raw(response);
         self.phase = Phase::Closing;
     }
@@ -285,6 +364,9 @@ impl Connection {
         }
         let frame = self.decoder.next_packet(streamer)?;
         self.decoded_all = frame.is_none();
+        if frame.is_some() {
+            self.first_frame_deadline = None;
+        }
         Ok(frame)
     }
 
@@ -358,20 +440,26 @@ impl Connection {
 
     /// The earliest time something is due on this connection.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match (self.phase, self.side) {
-            (Phase::Connecting, _) => self.connect_deadline,
+        let own = match (self.phase, self.side) {
+            (Phase::Connecting, _) => return self.connect_deadline,
             (_, Side::Server) => self.limits.idle_timeout.map(|idle| self.last_input + idle),
             (_, Side::Client) => None,
-        }
+        };
+        [own, self.first_frame_deadline, self.handshake_deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// What is due at `now`: the reason to close, if any.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<CloseReason> {
         self.armed = None;
+        let due = |deadline: Option<Instant>| deadline.is_some_and(|at| at <= now);
         match self.phase {
-            Phase::Connecting => (self.connect_deadline.is_some_and(|at| at <= now))
-                .then_some(CloseReason::ConnectTimedOut),
-            _ => (self.next_deadline().is_some_and(|at| at <= now)).then_some(CloseReason::Idle),
+            Phase::Connecting => due(self.connect_deadline).then_some(CloseReason::ConnectTimedOut),
+            _ if due(self.handshake_deadline) => Some(CloseReason::HandshakeTimedOut),
+            _ if due(self.first_frame_deadline) => Some(CloseReason::FirstFrameTimedOut),
+            _ => due(self.next_deadline()).then_some(CloseReason::Idle),
         }
     }
 
@@ -403,6 +491,9 @@ mod tests {
             idle_timeout: Some(100 * MS),
             connect_timeout: 50 * MS,
             read_chunk: 4096,
+            first_frame_timeout: None,
+            handshake_timeout: 30 * MS,
+            max_in_flight: 16,
         }
     }
 
@@ -617,5 +708,105 @@ mod tests {
         c.frames_confirmed();
         assert_eq!(c.phase(), Phase::Open);
         assert_eq!(c.first_bytes(), None);
+    }
+
+    #[test]
+    fn a_server_without_a_whole_first_frame_in_time_is_closed() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let with_deadline = Limits {
+            first_frame_timeout: Some(20 * MS),
+            ..limits()
+        };
+        let mut c = Connection::server(t0, with_deadline, false);
+        assert_eq!(c.next_deadline(), Some(t0 + 20 * MS));
+        // Half a frame does not count, however recent.
+        let f = frame(1, b"abc");
+        c.handle_input(&f[..10], t0 + 19 * MS);
+        assert!(c.next_frame(&s).unwrap().is_none());
+        assert_eq!(
+            c.handle_timeout(t0 + 20 * MS),
+            Some(CloseReason::FirstFrameTimedOut)
+        );
+
+        let mut c = Connection::server(t0, with_deadline, false);
+        c.handle_input(&f, t0 + MS);
+        assert!(c.next_frame(&s).unwrap().is_some());
+        assert_eq!(c.handle_timeout(t0 + 20 * MS), None, "the first frame came");
+        assert_eq!(c.next_deadline(), Some(t0 + 101 * MS), "only idle is left");
+    }
+
+    #[test]
+    fn a_status_request_head_counts_as_a_first_frame() {
+        let t0 = Instant::now();
+        let with_deadline = Limits {
+            first_frame_timeout: Some(20 * MS),
+            ..limits()
+        };
+        let mut c = Connection::server(t0, with_deadline, true);
+        c.handle_input(b"GET / HTTP/1.1\r\n\r\n", t0);
+        c.respond_and_close(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"));
+        assert_eq!(c.handle_timeout(t0 + 50 * MS), None);
+    }
+
+    #[test]
+    fn a_handshake_has_its_own_deadline() {
+        let t0 = Instant::now();
+        let mut c = Connection::client(t0, limits());
+        c.connected(t0 + MS);
+        c.start_handshake(t0 + MS);
+        assert!(c.in_handshake());
+        assert_eq!(c.next_deadline(), Some(t0 + 31 * MS));
+        assert_eq!(
+            c.handle_timeout(t0 + 31 * MS),
+            Some(CloseReason::HandshakeTimedOut)
+        );
+        c.handshake_done();
+        assert_eq!(c.next_deadline(), None);
+        assert_eq!(c.handle_timeout(t0 + 1000 * MS), None);
+    }
+
+    #[test]
+    fn unanswered_requests_at_the_limit_hold_reading_until_answered() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let two = Limits {
+            max_in_flight: 2,
+            ..limits()
+        };
+        let mut c = Connection::server(t0, two, false);
+        let mut input = frame(1, b"a");
+        input.extend(frame(2, b"b"));
+        input.extend(frame(3, b"c"));
+        c.handle_input(&input, t0);
+        for _ in 0..2 {
+            assert!(c.next_frame(&s).unwrap().is_some());
+            c.dispatched(1);
+        }
+        assert_eq!(c.hold(), Some(Hold::InFlight));
+        assert!(c.backlogged());
+        assert!(c.next_frame(&s).unwrap().is_none(), "frame 3 waits");
+        c.set_answered(1);
+        assert_eq!(c.hold(), None);
+        assert!(c.next_frame(&s).unwrap().is_some());
+        // Clients are never held for requests in flight.
+        let mut client = Connection::client(t0, two);
+        client.connected(t0);
+        client.dispatched(5);
+        assert_eq!(client.hold(), None);
+    }
+
+    #[test]
+    fn the_memory_budget_holds_reading_and_decoding() {
+        let t0 = Instant::now();
+        let s = DefaultStreamer::new();
+        let mut c = Connection::server(t0, limits(), false);
+        c.handle_input(&frame(1, b"a"), t0);
+        assert!(c.memory() >= c.buffered());
+        c.set_budget_hold(true);
+        assert_eq!(c.hold(), Some(Hold::MemoryBudget));
+        assert!(c.next_frame(&s).unwrap().is_none());
+        c.set_budget_hold(false);
+        assert!(c.next_frame(&s).unwrap().is_some());
     }
 }

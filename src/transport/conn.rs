@@ -17,6 +17,7 @@ use crate::proto::{ChannelPool, Ready, Side, WriteQueue};
 use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
 
 use super::outcomes::Outcomes;
+use super::stream::Security;
 use super::timer::{Kind, TimerKey};
 use super::{Command, Shared};
 
@@ -50,6 +51,9 @@ pub(crate) struct ConnState {
     /// Requests handed to handlers that were answered (replied to, or
     /// dropped unanswered): a draining connection waits for all of them.
     answered: u64,
+    /// The IO thread stopped reading for requests in flight: every answer
+    /// may be the one it waits for, so even a dropped request wakes it.
+    awaiting_answers: bool,
     /// The peer ended its sending side: every answer may be the last one
     /// the connection waits for, so even a dropped request wakes the IO
     /// thread.
@@ -77,6 +81,8 @@ pub(crate) struct Conn {
     /// Clients: how long an open connection must last to count as healthy
     /// when no response arrived on it.
     grace: Duration,
+    /// Clients: plain TCP or TLS.
+    security: Security,
 }
 
 impl Conn {
@@ -106,13 +112,34 @@ impl Conn {
                 requests_timer: None,
                 reconnect_timer: None,
                 answered: 0,
+                awaiting_answers: false,
                 draining: false,
             }),
             flush_scheduled: AtomicBool::new(false),
             in_batch: AtomicBool::new(false),
             token: AtomicUsize::new(NO_TOKEN),
             grace,
+            security: Security::Plain,
         }
+    }
+
+    /// A client connection that speaks `security` (default plain TCP).
+    pub(crate) fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    pub(crate) fn security(&self) -> &Security {
+        &self.security
+    }
+
+    /// IO thread: reading stopped for requests in flight; from now on every
+    /// answer wakes the IO thread. Returns how many requests were answered
+    /// in all, taking the replies queued so far into `into` (an answer
+    /// given before this woke nobody).
+    pub(crate) fn await_answers(&self, into: &mut WriteQueue) -> u64 {
+        self.state.lock().awaiting_answers = true;
+        self.take_output(into)
     }
 
     pub(crate) fn peer(&self) -> SocketAddr {
@@ -286,7 +313,9 @@ impl Conn {
         let flush = {
             let mut state = self.state.lock();
             state.answered += 1;
-            state.draining && !self.in_batch() && !matches!(state.status, Status::Closed(_))
+            (state.draining || state.awaiting_answers)
+                && !self.in_batch()
+                && !matches!(state.status, Status::Closed(_))
         };
         // The IO thread looks at the count when it flushes: a draining
         // connection may be done now.

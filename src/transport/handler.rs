@@ -43,10 +43,15 @@ pub(crate) enum Sniffed {
     Respond(Bytes),
     /// Another protocol, malformed: close at once.
     Reject(&'static str),
+    /// Another protocol this peer may not use: close at once, unanswered,
+    /// counted as a refusal.
+    Refuse(&'static str),
 }
 
 /// What a sniffer may look at besides the bytes.
 pub(crate) struct SniffContext<'a> {
+    /// Who sent the bytes.
+    pub(crate) peer: std::net::SocketAddr,
     /// The transport's counters, read only if asked for.
     pub(crate) stats: &'a dyn Fn() -> StatsSnapshot,
     /// Time since the transport started.
@@ -63,6 +68,10 @@ pub(crate) struct Service {
     pub(crate) handler: Arc<dyn RequestHandler>,
     pub(crate) dispatch: Dispatch,
     pub(crate) sniffer: Option<Arc<dyn Sniffer>>,
+    /// Who may connect, and how many at once.
+    pub(crate) policy: super::admission::Policy,
+    /// Plain TCP or TLS.
+    pub(crate) security: super::stream::Security,
 }
 
 /// The way back for one request: the transport's half of a responder.

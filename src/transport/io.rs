@@ -21,8 +21,10 @@ use slab::Slab;
 
 use crate::error::Error;
 use crate::packet::Packet;
-use crate::proto::{CloseReason, Connection, Limits, Phase, Ready, Side};
+use crate::proto::{CloseReason, Connection, Hold, Limits, Phase, Ready, Side};
 
+use super::admission::{Refusal, RefusalLog};
+use super::budget::Budget;
 use super::conn::{Conn, NO_TOKEN};
 use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
 use super::stream::Stream;
@@ -58,6 +60,8 @@ struct IoListener {
     service: Arc<Service>,
     /// The last accept failed for lack of resources (logged once).
     failing: bool,
+    /// Connections accepted here and open now.
+    open: usize,
 }
 
 struct IoConn {
@@ -70,6 +74,10 @@ struct IoConn {
     stalled: Option<Job>,
     /// The connection's deadline registered with the timer.
     timer: Option<TimerKey>,
+    /// Accepted connections: their listener's token.
+    listener: Option<usize>,
+    /// What its buffers hold, as last counted in the memory budget.
+    charged: usize,
 }
 
 struct IoLoop {
@@ -85,6 +93,10 @@ struct IoLoop {
     responses: Vec<Packet>,
     /// A reused buffer for the requests completed by a batch of responses.
     completed: Vec<Ready>,
+    /// Accepted connections open now (all listeners).
+    accepted: usize,
+    budget: Budget,
+    refusals: RefusalLog,
 }
 
 /// The `tbnet-io` thread's body.
@@ -99,6 +111,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         accept_retry: Vec::new(),
         responses: Vec::new(),
         completed: Vec::new(),
+        accepted: 0,
+        budget: Budget::new(shared.config.memory_budget()),
+        refusals: RefusalLog::default(),
     };
     let mut events = Events::with_capacity(1024);
     loop {
@@ -117,6 +132,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
         let polled = io.poll.poll(&mut events, timeout);
         shared.waker.awake();
+        shared.stats.poll_wakeup();
         if let Err(e) = polled {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -133,6 +149,15 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         for token in std::mem::take(&mut io.accept_retry) {
             io.accept(token);
         }
+        if let Some(held) = io.budget.release() {
+            for token in held {
+                if let Some(c) = io.conn_mut(token) {
+                    c.state.set_budget_hold(false);
+                    io.read(token);
+                }
+            }
+        }
+        shared.stats.set_memory(io.budget.used());
     }
     io.shut_down();
     shared.lifecycle.io_exited();
@@ -142,7 +167,10 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
 /// The error a connection's pending requests and logs see for `reason`.
 fn close_error(reason: CloseReason) -> Error {
     match reason {
-        CloseReason::ConnectTimedOut | CloseReason::Idle => Error::Timeout,
+        CloseReason::ConnectTimedOut
+        | CloseReason::Idle
+        | CloseReason::FirstFrameTimedOut
+        | CloseReason::HandshakeTimedOut => Error::Timeout,
         CloseReason::PeerClosed | CloseReason::Drained | CloseReason::Answered => {
             Error::Disconnected
         }
@@ -216,6 +244,9 @@ impl IoLoop {
             idle_timeout: config.idle_timeout,
             connect_timeout: config.connect_timeout,
             read_chunk: config.read_chunk,
+            first_frame_timeout: config.first_frame_timeout,
+            handshake_timeout: config.handshake_timeout,
+            max_in_flight: config.max_in_flight,
         }
     }
 
@@ -234,6 +265,7 @@ impl IoLoop {
             socket,
             service,
             failing: false,
+            open: 0,
         }));
         // Connections may have queued before registration.
         self.accept(token.0);
@@ -245,7 +277,7 @@ impl IoLoop {
         }
         self.shared.stats.connect_attempt();
         let peer = conn.peer();
-        let stream = match Stream::connect(peer) {
+        let stream = match Stream::connect(peer, conn.security()) {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "connect failed");
@@ -254,26 +286,31 @@ impl IoLoop {
             }
         };
         let state = Connection::client(Instant::now(), self.limits());
-        self.insert_conn(stream, conn, state, None);
+        self.insert_conn(stream, conn, state, None, None);
     }
 
-    /// Registers a connection's stream; on failure closes `conn`.
+    /// Registers a connection's stream (accepted on `listener`, if it
+    /// was); on failure closes `conn` and returns false.
     fn insert_conn(
         &mut self,
         mut stream: Stream,
         conn: Arc<Conn>,
-        state: Connection,
+        mut state: Connection,
         service: Option<Arc<Service>>,
-    ) {
+        listener: Option<usize>,
+    ) -> bool {
         let entry = self.endpoints.vacant_entry();
         let token = entry.key();
         if let Err(e) = stream.register(self.poll.registry(), Token(token)) {
             tracing::warn!(peer = %conn.peer(), error = %e, "could not register a connection");
             drop(conn.close(Error::from(e)));
-            return;
+            return false;
         }
         if state.phase() != Phase::Connecting {
             stream.configure(self.shared.config.tcp_keepalive);
+            if stream.is_handshaking() {
+                state.start_handshake(Instant::now());
+            }
         }
         conn.set_token(token);
         entry.insert(Endpoint::Conn(IoConn {
@@ -283,9 +320,18 @@ impl IoLoop {
             service,
             stalled: None,
             timer: None,
+            listener,
+            charged: 0,
         }));
         self.shared.stats.connection_opened();
+        if listener.is_some() {
+            self.accepted += 1;
+            if let Some(Endpoint::Listener(l)) = listener.and_then(|l| self.endpoints.get_mut(l)) {
+                l.open += 1;
+            }
+        }
         self.arm(token);
+        true
     }
 
     /// Registers the connection's next deadline with the timer, if its
@@ -305,7 +351,7 @@ impl IoLoop {
 
     /// Something may be due on the connection: closes it, or re-arms.
     fn timeout(&mut self, token: usize) {
-        let Some(c) = self.conn_mut(token) else {
+        let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
             return;
         };
         c.timer = None;
@@ -314,6 +360,15 @@ impl IoLoop {
                 match reason {
                     CloseReason::ConnectTimedOut => {
                         tracing::warn!(peer = %c.conn.peer(), "connect timed out");
+                    }
+                    // Slow peers can come in floods: debug, not warn.
+                    CloseReason::FirstFrameTimedOut => {
+                        self.shared.stats.first_frame_timeout();
+                        tracing::debug!(peer = %c.conn.peer(), "closing: no first frame in time");
+                    }
+                    CloseReason::HandshakeTimedOut => {
+                        self.shared.stats.handshake_failure();
+                        tracing::debug!(peer = %c.conn.peer(), "closing: handshake timed out");
                     }
                     _ => tracing::info!(peer = %c.conn.peer(), "closing idle connection"),
                 }
@@ -357,7 +412,32 @@ impl IoLoop {
                         tracing::info!("accepting again");
                         listener.failing = false;
                     }
+                    let verdict = listener.service.policy.judge(
+                        peer.ip(),
+                        listener.open,
+                        self.accepted,
+                        self.shared.config.max_connections,
+                    );
+                    if let Err(refusal) = verdict {
+                        match refusal {
+                            Refusal::NotAllowed => self.shared.stats.refused(),
+                            Refusal::ListenerFull | Refusal::TransportFull => {
+                                self.shared.stats.over_limit();
+                            }
+                        }
+                        self.refusals.refusal(peer, refusal);
+                        // Closed before a byte is read.
+                        drop(socket);
+                        continue;
+                    }
                     let service = listener.service.clone();
+                    let stream = match Stream::accept(socket, peer, &service.security) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "could not set up an accepted connection");
+                            continue;
+                        }
+                    };
                     let conn = Arc::new(Conn::new(
                         self.shared.clone(),
                         peer,
@@ -368,7 +448,7 @@ impl IoLoop {
                     tracing::debug!(%peer, "accepted");
                     let sniff = service.sniffer.is_some();
                     let state = Connection::server(Instant::now(), self.limits(), sniff);
-                    self.insert_conn(Stream::Tcp(socket), conn, state, Some(service));
+                    self.insert_conn(stream, conn, state, Some(service), Some(token));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // The peer gave up before we took it: take the next one.
@@ -382,7 +462,9 @@ impl IoLoop {
                 Err(e) => {
                     // Out of descriptors or memory. The backlog still holds
                     // connections, but no new edge will announce them:
-                    // retry after a pause instead of waiting for one.
+                    // retry after a pause instead of waiting for one (and
+                    // not at once: that would spin until descriptors free).
+                    self.shared.stats.accept_error();
                     if let Some(Endpoint::Listener(listener)) = self.endpoints.get_mut(token) {
                         if !listener.failing {
                             tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_RETRY:?}");
@@ -408,6 +490,9 @@ impl IoLoop {
                 let now = Instant::now();
                 c.state.connected(now);
                 c.stream.configure(keepalive);
+                if c.stream.is_handshaking() {
+                    c.state.start_handshake(now);
+                }
                 c.conn.mark_open(now);
                 // The connect deadline is gone and clients have no other.
                 let old = c.timer.take().and_then(|key| shared.timer.remove(key));
@@ -430,7 +515,11 @@ impl IoLoop {
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.
         if let Some(c) = self.conn_mut(token) {
-            if c.conn.flush_pending() || c.state.unwritten() > 0 || c.state.poll_close().is_some() {
+            if c.conn.flush_pending()
+                || c.state.unwritten() > 0
+                || c.stream.has_backlog()
+                || c.state.poll_close().is_some()
+            {
                 self.write(token);
             }
         }
@@ -446,10 +535,28 @@ impl IoLoop {
                 self.close(token, error);
                 return;
             }
-            let Some(c) = self.conn_mut(token) else {
+            let conns = self.endpoints.len();
+            let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
                 return;
             };
-            if c.state.hold().is_some() {
+            if let Some(hold) = c.state.hold() {
+                if hold == Hold::InFlight {
+                    // Answers may have come meanwhile; the ones after this
+                    // wake the IO thread.
+                    let answered = c.conn.await_answers(c.state.out());
+                    c.state.set_answered(answered);
+                    if c.state.hold().is_none() {
+                        continue;
+                    }
+                    self.shared.stats.in_flight_hold();
+                }
+                return;
+            }
+            if !self.budget.may_grow(c.charged, conns) {
+                tracing::debug!(peer = %c.conn.peer(), holds = c.charged, "memory budget spent; pausing the connection");
+                c.state.set_budget_hold(true);
+                self.budget.hold(token);
+                self.shared.stats.budget_hold();
                 return;
             }
             if reads == READS_PER_TURN {
@@ -465,8 +572,17 @@ impl IoLoop {
                 continue;
             }
             reads += 1;
-            match c.state.read_from(&mut c.stream, Instant::now()) {
+            let read = c.state.read_from(&mut c.stream, Instant::now());
+            if c.state.in_handshake() && !c.stream.is_handshaking() {
+                c.state.handshake_done();
+            }
+            let memory = c.state.memory();
+            self.budget.recharge(&mut c.charged, memory);
+            match read {
                 Ok(0) => {
+                    if c.state.in_handshake() {
+                        self.shared.stats.handshake_failure();
+                    }
                     tracing::debug!(peer = %c.conn.peer(), "peer ended its sending side");
                     if server {
                         let answered = c.conn.set_draining(c.state.out());
@@ -491,10 +607,15 @@ impl IoLoop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.state.read_blocked();
+                    let memory = c.state.memory();
+                    self.budget.recharge(&mut c.charged, memory);
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    if c.state.in_handshake() {
+                        self.shared.stats.handshake_failure();
+                    }
                     tracing::debug!(peer = %c.conn.peer(), error = %e, "read failed");
                     self.close(token, Error::from(e));
                     return;
@@ -512,6 +633,7 @@ impl IoLoop {
             paused,
             responses,
             completed,
+            refusals,
             ..
         } = self;
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
@@ -521,7 +643,7 @@ impl IoLoop {
             return Ok(());
         }
         if let Some(first) = c.state.first_bytes() {
-            sniff(shared, c, first.len())?;
+            sniff(shared, refusals, c, first.len())?;
         }
         if !c.state.may_decode() {
             return Ok(());
@@ -597,6 +719,7 @@ impl IoLoop {
             return;
         };
         let was_full = c.state.output_full();
+        let was_backlogged = c.state.backlogged();
         let failed = 'outer: loop {
             // Only when something was asked to be flushed: frames queued
             // without a flush request are taken by `end_batch` or
@@ -605,8 +728,15 @@ impl IoLoop {
                 let answered = c.conn.take_output(c.state.out());
                 c.state.set_answered(answered);
             }
-            if c.state.phase() == Phase::Connecting || c.state.unwritten() == 0 {
+            if c.state.phase() == Phase::Connecting {
                 break None;
+            }
+            if c.state.unwritten() == 0 {
+                // The stream's own bytes (TLS records, handshake messages).
+                break match c.stream.flush_backlog() {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => Some(e),
+                    _ => None,
+                };
             }
             while c.state.unwritten() > 0 {
                 let written = {
@@ -631,19 +761,20 @@ impl IoLoop {
             self.close(token, Error::from(e));
             return;
         }
-        if let Some(reason) = c.state.poll_close() {
+        let memory = c.state.memory();
+        self.budget.recharge(&mut c.charged, memory);
+        if let Some(reason) = c.state.poll_close().filter(|_| !c.stream.has_backlog()) {
             tracing::debug!(peer = %c.conn.peer(), ?reason, "connection done");
             self.close(token, close_error(reason));
             return;
         }
-        match (was_full, c.state.output_full()) {
-            (false, true) => {
-                tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
-            }
+        if !was_full && c.state.output_full() {
+            tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
+        }
+        if was_backlogged && !c.state.backlogged() {
             // Decoding (and reading) stopped short: no edge will come, and a
             // draining connection may still hold whole requests.
-            (true, false) => self.again.push(token),
-            _ => {}
+            self.again.push(token);
         }
     }
 
@@ -657,6 +788,13 @@ impl IoLoop {
         };
         c.stream.deregister(self.poll.registry());
         c.conn.set_token(NO_TOKEN);
+        self.budget.recharge(&mut c.charged, 0);
+        if let Some(listener) = c.listener {
+            self.accepted = self.accepted.saturating_sub(1);
+            if let Some(Endpoint::Listener(l)) = self.endpoints.get_mut(listener) {
+                l.open = l.open.saturating_sub(1);
+            }
+        }
         let timer = c.timer.take().and_then(|key| self.shared.timer.remove(key));
         drop(timer);
         tracing::debug!(peer = %c.conn.peer(), side = ?c.state.side(), reason = %error, "connection closed");
@@ -695,7 +833,7 @@ impl IoLoop {
                 self.write(token);
             }
             let unflushed = (self.endpoints.iter())
-                .any(|(_, e)| matches!(e, Endpoint::Conn(c) if c.state.unwritten() > 0));
+                .any(|(_, e)| matches!(e, Endpoint::Conn(c) if c.state.unwritten() > 0 || c.stream.has_backlog()));
             let busy = self.shared.workers.busy() > 0;
             let now = Instant::now();
             if (!unflushed && !busy) || now >= deadline {
@@ -715,7 +853,12 @@ impl IoLoop {
 
 /// Shows a sniffing connection's first `len` bytes to its listener's
 /// sniffer and moves the state machine on as it says.
-fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
+fn sniff(
+    shared: &Shared,
+    refusals: &mut RefusalLog,
+    c: &mut IoConn,
+    len: usize,
+) -> Result<(), Error> {
     let Some(sniffer) = c.service.as_ref().and_then(|s| s.sniffer.clone()) else {
         c.state.frames_confirmed();
         return Ok(());
@@ -726,6 +869,7 @@ fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
         stats
     };
     let context = SniffContext {
+        peer: c.conn.peer(),
         stats: &stats,
         uptime: shared.epoch.elapsed(),
     };
@@ -742,6 +886,11 @@ fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
         }
         Sniffed::Reject(reason) => {
             tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad first bytes");
+            Err(Error::Disconnected)
+        }
+        Sniffed::Refuse(reason) => {
+            shared.stats.status_refused();
+            refusals.refused(c.conn.peer(), reason);
             Err(Error::Disconnected)
         }
     }

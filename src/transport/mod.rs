@@ -12,6 +12,8 @@
 //! - `outcomes`: delivering removed requests after the lock;
 //! - `wake`: waking the IO thread; `workers`: the worker pool.
 
+mod admission;
+mod budget;
 mod conn;
 mod handler;
 mod io;
@@ -21,6 +23,8 @@ pub(crate) mod role;
 mod stats;
 mod stream;
 mod timer;
+#[cfg(feature = "tls")]
+mod tls;
 mod wake;
 pub(crate) mod workers;
 
@@ -37,18 +41,40 @@ use crate::error::Error;
 use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
 use crate::sync::Mutex;
 
+pub(crate) use admission::Policy;
+pub use admission::{AllowList, Cidr, CidrParseError};
 pub(crate) use conn::{Conn, Rejected};
 pub use handler::Dispatch;
 pub(crate) use handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed, Sniffer};
 use lifecycle::Lifecycle;
 use stats::Stats;
 pub use stats::StatsSnapshot;
+pub(crate) use stream::Security;
 use timer::TimerTable;
+#[cfg(feature = "tls")]
+pub use tls::{TlsClientConfig, TlsServerConfig};
 use wake::IoWaker;
 use workers::WorkQueues;
 
 /// Default for [`TransportBuilder::max_outbound`]: 8 MiB.
 pub const DEFAULT_MAX_OUTBOUND: usize = 8 << 20;
+
+/// Default for [`TransportBuilder::max_connections`]: 16384 accepted
+/// connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+
+/// Default for [`TransportBuilder::max_in_flight`]: 1024 requests.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
+/// Default for [`TransportBuilder::first_frame_timeout`]: 10 s.
+pub const DEFAULT_FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`TransportBuilder::handshake_timeout`]: 10 s.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The memory budget's default is this many times
+/// [`max_outbound`](TransportBuilder::max_outbound): 64 × 8 MiB = 512 MiB.
+pub const DEFAULT_BUDGET_CONNECTIONS: usize = 64;
 
 /// Work handed to the IO thread.
 pub(crate) enum Command {
@@ -78,6 +104,21 @@ pub(crate) struct Config {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) tcp_keepalive: Option<Duration>,
     pub(crate) status_page: bool,
+    pub(crate) status_allow: AllowList,
+    pub(crate) max_connections: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) first_frame_timeout: Option<Duration>,
+    pub(crate) handshake_timeout: Duration,
+    /// `None`: [`DEFAULT_BUDGET_CONNECTIONS`] × `max_outbound`.
+    pub(crate) memory_budget: Option<usize>,
+}
+
+impl Config {
+    /// The memory budget in bytes.
+    pub(crate) fn memory_budget(&self) -> usize {
+        self.memory_budget
+            .unwrap_or_else(|| self.max_outbound.saturating_mul(DEFAULT_BUDGET_CONNECTIONS))
+    }
 }
 
 /// State every transport thread and handle shares.
@@ -252,6 +293,12 @@ impl Default for TransportBuilder {
                 idle_timeout: Some(Duration::from_secs(900)),
                 tcp_keepalive: None,
                 status_page: false,
+                status_allow: AllowList::loopback(),
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                first_frame_timeout: Some(DEFAULT_FIRST_FRAME_TIMEOUT),
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                memory_budget: None,
             },
             streamer: Arc::new(DefaultStreamer::new()),
         }
@@ -359,6 +406,69 @@ impl TransportBuilder {
     /// instead of waiting for their deadlines.
     pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
         self.config.tcp_keepalive = idle.map(clamp_wait);
+        self
+    }
+
+    /// Most accepted connections open at once across the transport's
+    /// listeners (default [`DEFAULT_MAX_CONNECTIONS`], 16384; at least 1).
+    /// A connection over it is closed at accept, before a byte is read, and
+    /// counted in [`StatsSnapshot::over_limit`]; the others are served on.
+    /// Client connections do not count. Each listener may have a lower
+    /// limit of its own ([`ListenOptions::max_connections`](crate::ListenOptions::max_connections)).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n.max(1);
+        self
+    }
+
+    /// Most requests one server connection may have handed to handlers and
+    /// not yet answered (default [`DEFAULT_MAX_IN_FLIGHT`], 1024; at least
+    /// 1). At the limit the connection stops being read until replies go
+    /// out (or responders are dropped), so one peer cannot fill the worker
+    /// queue for everyone; counted in [`StatsSnapshot::in_flight_holds`].
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Closes a server connection that has not sent a whole first frame
+    /// (or status-page request head) this long after it was accepted
+    /// (default [`DEFAULT_FIRST_FRAME_TIMEOUT`], 10 s; `None`: no limit
+    /// but the idle timeout). It includes the TLS handshake. Counted in
+    /// [`StatsSnapshot::first_frame_timeouts`].
+    pub fn first_frame_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.first_frame_timeout = timeout.map(clamp_wait);
+        self
+    }
+
+    /// How long a TLS handshake may take, on either side (default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`], 10 s). A handshake still going on
+    /// then closes its connection; its requests fail with
+    /// [`Error::Disconnected`]. Counted in
+    /// [`StatsSnapshot::handshake_failures`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.config.handshake_timeout = clamp_wait(timeout);
+        self
+    }
+
+    /// The most memory all connections' read buffers and unwritten output
+    /// may hold together (default [`DEFAULT_BUDGET_CONNECTIONS`] ×
+    /// [`max_outbound`](Self::max_outbound): 512 MiB). While it is spent,
+    /// the connections holding more than their share (the budget divided by
+    /// the open connections) are not read and their requests not decoded;
+    /// the others are served on. See the crate docs for the bound this
+    /// gives.
+    pub fn memory_budget(mut self, bytes: usize) -> Self {
+        self.config.memory_budget = Some(bytes.max(1));
+        self
+    }
+
+    /// The peers the status page ([`status_page`](Self::status_page))
+    /// answers (default [`AllowList::loopback`]). Others' status requests
+    /// are closed unanswered and counted in
+    /// [`StatsSnapshot::status_refused`]; their tbnet frames are served as
+    /// usual.
+    pub fn status_allow(mut self, allow: AllowList) -> Self {
+        self.config.status_allow = allow;
         self
     }
 

@@ -22,6 +22,10 @@ impl<const N: usize> Line<N> {
         self.0[i].fetch_sub(n, Ordering::Relaxed);
     }
 
+    fn set(&self, i: usize, n: u64) {
+        self.0[i].store(n, Ordering::Relaxed);
+    }
+
     fn get(&self, i: usize) -> u64 {
         self.0[i].load(Ordering::Relaxed)
     }
@@ -38,6 +42,16 @@ const BAD_FRAMES: usize = 6;
 const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
+const REFUSED: usize = 10;
+const OVER_LIMIT: usize = 11;
+const ACCEPT_ERRORS: usize = 12;
+const FIRST_FRAME_TIMEOUTS: usize = 13;
+const HANDSHAKE_FAILURES: usize = 14;
+const STATUS_REFUSED: usize = 15;
+const POLL_WAKEUPS: usize = 16;
+const MEMORY: usize = 17;
+const BUDGET_HOLDS: usize = 18;
+const IN_FLIGHT_HOLDS: usize = 19;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -48,7 +62,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<10>,
+    io: Line<20>,
     callers: Line<5>,
 }
 
@@ -85,6 +99,36 @@ impl Stats {
     }
     pub(crate) fn early_failure(&self) {
         self.io.add(EARLY_FAILURES, 1);
+    }
+    pub(crate) fn refused(&self) {
+        self.io.add(REFUSED, 1);
+    }
+    pub(crate) fn over_limit(&self) {
+        self.io.add(OVER_LIMIT, 1);
+    }
+    pub(crate) fn accept_error(&self) {
+        self.io.add(ACCEPT_ERRORS, 1);
+    }
+    pub(crate) fn first_frame_timeout(&self) {
+        self.io.add(FIRST_FRAME_TIMEOUTS, 1);
+    }
+    pub(crate) fn handshake_failure(&self) {
+        self.io.add(HANDSHAKE_FAILURES, 1);
+    }
+    pub(crate) fn status_refused(&self) {
+        self.io.add(STATUS_REFUSED, 1);
+    }
+    pub(crate) fn poll_wakeup(&self) {
+        self.io.add(POLL_WAKEUPS, 1);
+    }
+    pub(crate) fn set_memory(&self, bytes: usize) {
+        self.io.set(MEMORY, bytes as u64);
+    }
+    pub(crate) fn budget_hold(&self) {
+        self.io.add(BUDGET_HOLDS, 1);
+    }
+    pub(crate) fn in_flight_hold(&self) {
+        self.io.add(IN_FLIGHT_HOLDS, 1);
     }
     pub(crate) fn packets_out(&self, n: usize) {
         if n > 0 {
@@ -127,6 +171,16 @@ impl Stats {
             half_closes: self.io.get(HALF_CLOSES),
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
+            refused: self.io.get(REFUSED),
+            over_limit: self.io.get(OVER_LIMIT),
+            accept_errors: self.io.get(ACCEPT_ERRORS),
+            first_frame_timeouts: self.io.get(FIRST_FRAME_TIMEOUTS),
+            handshake_failures: self.io.get(HANDSHAKE_FAILURES),
+            status_refused: self.io.get(STATUS_REFUSED),
+            poll_wakeups: self.io.get(POLL_WAKEUPS),
+            memory: self.io.get(MEMORY),
+            budget_holds: self.io.get(BUDGET_HOLDS),
+            in_flight_holds: self.io.get(IN_FLIGHT_HOLDS),
         }
     }
 }
@@ -174,4 +228,35 @@ pub struct StatsSnapshot {
     /// connect, or closed before their first response and within the
     /// health grace): each made the next reconnect wait longer.
     pub early_failures: u64,
+    /// Connections refused at accept because the peer is not on the
+    /// listener's allow-list.
+    pub refused: u64,
+    /// Connections closed at accept because the listener or the transport
+    /// had its maximum open.
+    pub over_limit: u64,
+    /// Accepts that failed for lack of resources (`EMFILE`, `ENFILE`,
+    /// `ENOMEM`); the listener retries every 100 ms meanwhile.
+    pub accept_errors: u64,
+    /// Server connections closed because no whole first frame (or
+    /// status-page request) arrived within
+    /// [`first_frame_timeout`](crate::TransportBuilder::first_frame_timeout).
+    pub first_frame_timeouts: u64,
+    /// Connections whose TLS handshake failed or timed out.
+    pub handshake_failures: u64,
+    /// Status-page requests from peers not on the status allow-list
+    /// (closed unanswered).
+    pub status_refused: u64,
+    /// Times the IO thread woke from waiting for events.
+    pub poll_wakeups: u64,
+    /// Bytes held now in connections' read buffers and unwritten output
+    /// (what the [`memory_budget`](crate::TransportBuilder::memory_budget)
+    /// counts).
+    pub memory: u64,
+    /// Times a connection stopped being read because the memory budget was
+    /// spent and it held more than its share.
+    pub budget_holds: u64,
+    /// Times a server connection stopped being read because it had
+    /// [`max_in_flight`](crate::TransportBuilder::max_in_flight) requests
+    /// unanswered.
+    pub in_flight_holds: u64,
 }
