@@ -3,6 +3,7 @@
 //! One binary (to save link time); one module per concern. Every server binds
 //! `127.0.0.1:0`. Shared fixtures and the bounded waits live in `support`.
 
+mod admission;
 mod client;
 mod concurrency;
 mod exactly_once;
