@@ -20,5 +20,7 @@ mod shutdown;
 mod soak;
 mod status;
 mod support;
+#[cfg(feature = "tls")]
+mod tls;
 mod typed;
 mod wire;
