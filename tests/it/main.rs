@@ -4,6 +4,7 @@
 //! `127.0.0.1:0`. Shared fixtures and the bounded waits live in `support`.
 
 mod admission;
+mod budget;
 mod client;
 mod concurrency;
 mod exactly_once;
