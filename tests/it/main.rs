@@ -7,6 +7,7 @@ mod admission;
 mod budget;
 mod client;
 mod concurrency;
+mod descriptors;
 mod exactly_once;
 mod examples;
 mod faults;
