@@ -14,11 +14,17 @@
 //! instead of the summary. Progress goes to stderr once a second. Every
 //! response body is compared byte for byte with its request's. Exits 1 if
 //! any request failed or came back altered.
+//!
+//! TLS (built with `--features tls`, needs `--addr`): `--tls-ca PATH`
+//! trusts the CA certificates in that PEM file, `--tls-name NAME` is the
+//! name the server's certificate must carry (default `localhost`), and
+//! `--tls-cert PATH --tls-key PATH` present a client certificate.
 
 #[path = "common/load.rs"]
 mod load;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -54,6 +60,57 @@ struct Args {
     /// Print one JSON line (`rps`, `p50_us`, `p99_us`, `errors`, `mismatches`, ...) instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Connect with TLS, trusting the CA certificates in this PEM file (feature `tls`).
+    #[arg(long = "tls-ca", value_name = "PATH", requires = "addr")]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(
+        long = "tls-name",
+        value_name = "NAME",
+        default_value = "localhost",
+        requires = "tls_ca"
+    )]
+    tls_name: String,
+    /// Present this PEM client certificate chain (needs `--tls-key`).
+    #[arg(long = "tls-cert", value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long = "tls-key", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// A connection manager for `transport`, speaking TLS if asked to.
+fn manager(
+    transport: &Transport,
+    args: &Args,
+    queue_limit: usize,
+) -> Result<ConnectionManager, String> {
+    let manager = ConnectionManager::new(transport).with_queue_limit(queue_limit);
+    match &args.tls_ca {
+        None => Ok(manager),
+        Some(ca) => with_tls(manager, ca, args),
+    }
+}
+
+#[cfg(feature = "tls")]
+fn with_tls(
+    manager: ConnectionManager,
+    ca: &std::path::Path,
+    args: &Args,
+) -> Result<ConnectionManager, String> {
+    let client = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+    let tls = tbnet::TlsClientConfig::from_pem_files(ca, &args.tls_name, client)
+        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    Ok(manager.with_tls(tls))
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_tls(
+    _: ConnectionManager,
+    _: &std::path::Path,
+    _: &Args,
+) -> Result<ConnectionManager, String> {
+    Err("built without TLS: rebuild with `--features tls`".into())
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -103,9 +160,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let managers = (0..conns)
-        .map(|_| Arc::new(ConnectionManager::new(&transport).with_queue_limit(depth.max(256))))
-        .collect();
+    let managers = match (0..conns)
+        .map(|_| manager(&transport, &args, depth.max(256)).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(managers) => managers,
+        Err(e) => {
+            eprintln!("echo_client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let started = Instant::now();
     let run = Arc::new(Run {
         managers,

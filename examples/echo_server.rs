@@ -9,12 +9,24 @@
 //! `curl http://ADDR/status` (JSON) and `/metrics` (Prometheus) on the same
 //! port. `-v` logs each request's life at debug level. Prints
 //! `listening on ADDR` once ready and serves until killed.
+//!
+//! Admission: `--allow CIDR` (repeatable) admits only those peers,
+//! `--max-conns N` at most N connections at once. TLS (built with
+//! `--features tls`): `--tls-cert PATH --tls-key PATH` serve TLS with that
+//! PEM certificate chain and key; `--tls-client-ca PATH` also requires
+//! client certificates issued by that CA.
+//!
+//! ```sh
+//! cargo run --release --features tls --example echo_server -- \
+//!     --tls-cert server.pem --tls-key server.key --allow 127.0.0.0/8
+//! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tbnet::{Dispatch, Packet, Responder, Transport};
+use tbnet::{AllowList, Cidr, Dispatch, ListenOptions, Packet, Responder, Transport};
 
 /// tbnet echo server: answers every request with its own packet code and body.
 #[derive(Parser, Debug)]
@@ -32,6 +44,55 @@ struct Args {
     /// Log each request's life at debug level (to stderr).
     #[arg(short, long)]
     verbose: bool,
+    /// Admit only peers in this address range (`10.0.0.0/8`, `::1`); repeatable. Default: everyone.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<Cidr>,
+    /// Most connections open at once; one more is closed at accept.
+    #[arg(long = "max-conns", value_name = "N")]
+    max_conns: Option<usize>,
+    /// Serve TLS with this PEM certificate chain (needs `--tls-key`; feature `tls`).
+    #[arg(long = "tls-cert", value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long = "tls-key", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by the CA in this PEM file (mutual TLS).
+    #[arg(long = "tls-client-ca", value_name = "PATH", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// The listener's settings from the command line.
+fn listen_options(args: &Args) -> Result<ListenOptions, String> {
+    let mut options = ListenOptions::new().allow(args.allow.iter().copied().collect::<AllowList>());
+    if let Some(n) = args.max_conns {
+        options = options.max_connections(n);
+    }
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => tls(options, cert, key, args.tls_client_ca.as_deref()),
+        _ => Ok(options),
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls(
+    options: ListenOptions,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> Result<ListenOptions, String> {
+    let tls = tbnet::TlsServerConfig::from_pem_files(cert, key, client_ca)
+        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    Ok(options.tls(tls))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(
+    _: ListenOptions,
+    _: &std::path::Path,
+    _: &std::path::Path,
+    _: Option<&std::path::Path>,
+) -> Result<ListenOptions, String> {
+    Err("built without TLS: rebuild with `--features tls`".into())
 }
 
 fn echo(request: Packet, responder: Responder) {
@@ -53,6 +114,13 @@ fn main() -> ExitCode {
     } else {
         Dispatch::Workers
     };
+    let options = match listen_options(&args) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("echo_server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let transport = match Transport::builder()
         .workers(args.workers.max(1))
         .dispatch(dispatch)
@@ -65,7 +133,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match transport.listen(args.addr, echo) {
+    match transport.listen_with_options(args.addr, echo, options) {
         Ok(local) => println!("listening on {local}"),
         Err(e) => {
             eprintln!("echo_server: cannot listen on {}: {e}", args.addr);

@@ -83,8 +83,7 @@ fn peers_that_never_read_share_one_budget_and_others_are_served() {
     // The peers go: their memory is given back.
     drop(peers);
     assert!(wait_until(WAIT_LIMIT, || server.stats().connections == 1));
-    assert!(wait_until(WAIT_LIMIT, || server.stats().memory
-        < 4 * READ_CHUNK as u64));
+    assert!(wait_until(WAIT_LIMIT, || server.stats().memory < 4 * READ_CHUNK as u64));
     stop(&client_transport);
     stop(&server);
 }

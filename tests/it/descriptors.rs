@@ -59,10 +59,23 @@ fn running_out_of_descriptors_costs_no_established_connection() {
     };
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "child failed:\n{out}\n{err}");
-    assert!(out.contains(CHILD_OK), "the child did not run:\n{out}\n{err}");
+    assert!(
+        out.contains(CHILD_OK),
+        "the child did not run:\n{out}\n{err}"
+    );
 }
 
 fn echo_once(stream: &mut TcpStream, chid: u32) {
@@ -103,7 +116,10 @@ fn child_with_few_descriptors() {
             Err(e) if is_out_of_descriptors(&e) => break,
             Err(e) => panic!("connect: {e}"),
         }
-        assert!(clients.len() < LIMIT, "the descriptor limit is not in force");
+        assert!(
+            clients.len() < LIMIT,
+            "the descriptor limit is not in force"
+        );
     }
     // Until the server has a connection it cannot accept: free a spare, and
     // connect with it (the server then has none left to accept with).
@@ -133,7 +149,11 @@ fn child_with_few_descriptors() {
     thread::sleep(Duration::from_millis(500));
     let woken = server.stats().poll_wakeups - before;
     let allowed = 20 + 2 * (window.elapsed().as_millis() as u64 / 100);
-    assert!(woken <= allowed, "{woken} wakeups in {:?}", window.elapsed());
+    assert!(
+        woken <= allowed,
+        "{woken} wakeups in {:?}",
+        window.elapsed()
+    );
     assert!(server.stats().accept_errors >= 1);
 
     // Descriptors free up: the connection left waiting is accepted and
@@ -142,7 +162,8 @@ fn child_with_few_descriptors() {
     let accepted_before = server.stats().connections_total;
     clients.truncate(clients.len() / 2);
     drop(spares);
-    assert!(wait_until(WAIT_LIMIT, || server.stats().connections_total > accepted_before));
+    assert!(wait_until(WAIT_LIMIT, || server.stats().connections_total
+        > accepted_before));
     waiting.set_read_timeout(Some(HANG_GUARD)).unwrap();
     echo_once(&mut waiting, 1);
     let mut newcomer = raw_client(addr);

@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::faults::{example_binary, spawn_echo_server, spawn_listening};
 
 /// Runs `echo_client` with `args` and returns its JSON line's fields.
-fn run_client(args: &[&str]) -> Vec<(String, String)> {
+pub fn run_client(args: &[&str]) -> Vec<(String, String)> {
     let output = Command::new(example_binary("echo_client"))
         .args(args)
         .args(["--secs", "0.3", "--json"])
@@ -34,14 +34,14 @@ fn run_client(args: &[&str]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn field<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
+pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
     (fields.iter())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
         .unwrap_or_else(|| panic!("no {key} in {fields:?}"))
 }
 
-fn assert_clean_run(fields: &[(String, String)]) {
+pub fn assert_clean_run(fields: &[(String, String)]) {
     assert_eq!(field(fields, "errors"), "0");
     assert_eq!(field(fields, "mismatches"), "0");
     let rps: f64 = field(fields, "rps").parse().unwrap();
@@ -107,4 +107,47 @@ fn kv_client_against_a_kv_server_process() {
     );
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+#[test]
+fn echo_server_admits_only_its_allow_list_and_connection_limit() {
+    let (mut closed, addr) = spawn_listening(
+        "echo_server",
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "::1",
+        ],
+    );
+    let refused = Command::new(example_binary("echo_client"))
+        .args(["--addr", &addr.to_string(), "--secs", "0.2", "--json"])
+        .output()
+        .expect("run the echo_client example");
+    assert!(!refused.status.success(), "a peer off the list was served");
+    closed.kill().unwrap();
+    closed.wait().unwrap();
+
+    let (mut open, addr) = spawn_listening(
+        "echo_server",
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--allow",
+            "127.0.0.0/8",
+            "--max-conns",
+            "2",
+        ],
+    );
+    let fields = run_client(&["--addr", &addr.to_string(), "--conns", "2"]);
+    assert_clean_run(&fields);
+    let over = Command::new(example_binary("echo_client"))
+        .args(["--addr", &addr.to_string(), "--conns", "3", "--secs", "0.2"])
+        .output()
+        .expect("run the echo_client example");
+    assert!(!over.status.success(), "a third connection was served");
+    open.kill().unwrap();
+    open.wait().unwrap();
 }

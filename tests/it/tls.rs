@@ -398,3 +398,86 @@ fn timeouts_and_reconnects_behave_over_tls_as_on_tcp() {
     stop(&client_transport);
     stop(&second.transport);
 }
+
+/// A directory of its own under the system's temporary one, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("tbnet-tls-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, contents: &[u8]) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn the_echo_pair_speaks_mutual_tls_through_its_flags() {
+    use crate::examples::{assert_clean_run, run_client};
+    use crate::faults::{example_binary, spawn_listening};
+
+    let ca = Ca::new("test CA");
+    let server_cert = ca.server();
+    let client_cert = ca.client();
+    let dir = TempDir::new();
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let cert = dir.write("server.pem", server_cert.cert.as_bytes());
+    let key = dir.write("server.key", server_cert.key.as_bytes());
+    let client = dir.write("client.pem", client_cert.cert.as_bytes());
+    let client_key = dir.write("client.key", client_cert.key.as_bytes());
+
+    let (mut server, addr) = spawn_listening(
+        "echo_server",
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca_pem,
+        ],
+    );
+    let addr = addr.to_string();
+    let fields = run_client(&[
+        "--addr",
+        &addr,
+        "--tls-ca",
+        &ca_pem,
+        "--tls-name",
+        "localhost",
+        "--tls-cert",
+        &client,
+        "--tls-key",
+        &client_key,
+        "--conns",
+        "2",
+        "--depth",
+        "4",
+    ]);
+    assert_clean_run(&fields);
+    // Without a client certificate it does not get in.
+    let refused = std::process::Command::new(example_binary("echo_client"))
+        .args(["--addr", &addr, "--tls-ca", &ca_pem, "--secs", "0.2"])
+        .output()
+        .expect("run the echo_client example");
+    assert!(!refused.status.success(), "served without a certificate");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
