@@ -348,6 +348,27 @@
 //! | unwritten bytes per connection | [`TransportBuilder::max_outbound`] (8 MiB) | server: stops reading that peer; client: [`Error::QueueFull`] |
 //! | worker queue | [`TransportBuilder::worker_queue`] (4096) | the IO thread stops reading until there is room; nothing dropped |
 //! | silent server connections | [`TransportBuilder::idle_timeout`] (900 s) | connection closed |
+//! | requests in flight per server connection | [`TransportBuilder::max_in_flight`] (1024) | that connection stops being read until answers go out |
+//! | time to a server connection's first whole frame (or status request) | [`TransportBuilder::first_frame_timeout`] (10 s) | connection closed |
+//! | TLS handshake | [`TransportBuilder::handshake_timeout`] (10 s) | connection closed |
+//! | accepted connections | [`TransportBuilder::max_connections`] (16384), and per listener [`ListenOptions::max_connections`] (none) | the newcomer is closed at accept |
+//! | peers admitted | per listener [`ListenOptions::allow`] (everyone); the status page [`TransportBuilder::status_allow`] (loopback) | closed at accept, before a byte is read / closed unanswered |
+//! | all connections' read buffers and unwritten output | [`TransportBuilder::memory_budget`] (64 × `max_outbound` = 512 MiB) | the connections holding more than their share stop being read |
+//!
+//! **The memory bound.** Call the budget *B*, the read chunk *r* and the
+//! open connections *n*. What the transport's connections hold in read
+//! buffers and unwritten output never exceeds *2B + n × 2r*, whatever the
+//! peers do: a connection reads (at most *r* at a time) only while the
+//! total is under *B* or it holds less than *B / n*, and what it decodes
+//! from one read makes at most the replies to one read chunk of requests
+//! before the next look (with inline dispatch; with worker dispatch add
+//! the replies to `max_in_flight` requests per connection, which the
+//! handlers make, not the peers). With the defaults and the connection
+//! limit that is 1 GiB + 16384 × 128 KiB = 3 GiB at worst; lower
+//! [`max_connections`](TransportBuilder::max_connections),
+//! [`read_chunk`](TransportBuilder::read_chunk) or the budget for less.
+//! Kernel socket buffers and TLS session buffers (64 KiB each way per TLS
+//! connection) come on top.
 //!
 //! **What a hostile peer can do.** A wrong flag, a negative or oversized
 //! length, or any bytes that do not parse close that one connection with a
@@ -357,9 +378,31 @@
 //! request with channel id 0 is one-way: the adaptor sees it, and its
 //! [`Responder`] discards any reply (tbnet's C++ server aborts on it). A
 //! peer that never reads costs at most `max_outbound` plus its socket
-//! buffers. What a peer *can* do is hold connections open (bounded by the
-//! idle timeout and the OS's descriptor limit) and send valid requests as
-//! fast as TCP lets it, which the worker queue turns into back-pressure.
+//! buffers, and all such peers together no more than the memory budget
+//! allows. A peer off a listener's allow-list, or over a connection limit,
+//! is closed at accept before a byte is read, counted
+//! ([`StatsSnapshot::refused`], [`StatsSnapshot::over_limit`]) and logged at
+//! debug level at most once a second, so a flood of them cannot flood the
+//! log. A peer that connects and sends nothing whole is closed by the
+//! first-frame deadline. One peer cannot fill the worker queue for
+//! everyone: past `max_in_flight` unanswered requests its connection is no
+//! longer read. When the process runs out of descriptors (`EMFILE`,
+//! `ENFILE`), established connections are served on and the listener
+//! retries every 100 ms ([`StatsSnapshot::accept_errors`]) without
+//! spinning. What a peer *can* do is send valid requests as fast as TCP
+//! lets it, which the worker queue turns into back-pressure.
+//!
+//! **TLS** (cargo feature `tls`, rustls with its `ring` provider, chosen
+//! because it builds quickly). A listener serves TLS with
+//! `ListenOptions::tls` and a `TlsServerConfig` (certificate chain and
+//! key in PEM, optionally a CA whose client certificates it requires); a
+//! [`ConnectionManager`] connects with `ConnectionManager::with_tls` and a
+//! `TlsClientConfig` (trusted CAs, the server name, optionally a client
+//! certificate). The frames inside are unchanged and everything else
+//! (the three ways of waiting, timeouts, reconnects) behaves as on TCP.
+//! Plaintext, garbage or a stalled handshake costs only its connection; a
+//! failed handshake is counted in [`StatsSnapshot::handshake_failures`].
+//! Plain TCP stays byte-for-byte tbnet's wire format.
 //!
 //! **What runs where.** Only `tbnet-io` touches sockets. Server adaptors run
 //! on the workers, or on `tbnet-io` with [`Dispatch::IoThread`] (then they
