@@ -494,10 +494,11 @@ impl IoLoop {
                     c.state.start_handshake(now);
                 }
                 c.conn.mark_open(now);
-                // The connect deadline is gone and clients have no other.
+                // The connect deadline is gone; a TLS handshake's may follow.
                 let old = c.timer.take().and_then(|key| shared.timer.remove(key));
                 drop(old);
                 tracing::debug!(peer = %c.conn.peer(), "connected");
+                self.arm(token);
                 self.write(token);
                 self.read(token);
             }

@@ -50,7 +50,7 @@ fn peers_that_never_read_share_one_budget_and_others_are_served() {
         .collect();
 
     // What one peer alone may hold without the budget: its output limit.
-    assert!(DEFAULT_MAX_OUTBOUND * PEERS > 8 * BUDGET);
+    const { assert!(DEFAULT_MAX_OUTBOUND * PEERS > 8 * BUDGET) };
     // The bound the crate docs state: twice the budget, plus per connection
     // one read chunk of input and the replies to it.
     let bound = (2 * BUDGET + (PEERS + 1) * 2 * READ_CHUNK) as u64;

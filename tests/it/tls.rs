@@ -481,3 +481,24 @@ fn the_echo_pair_speaks_mutual_tls_through_its_flags() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn a_server_that_never_finishes_the_handshake_is_left_by_its_deadline() {
+    let ca = Ca::new("test CA");
+    // Accepts, reads the ClientHello, and answers nothing.
+    let (addr, mute) = raw_server(|mut stream| {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    let client_transport = Transport::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(200))
+        .start()
+        .unwrap();
+    let client = tls_client(&client_transport, &ca, "localhost");
+    let result = client.call(addr, Packet::new(1, "hello?"), Some(NEVER));
+    assert!(matches!(result, Err(Error::Disconnected)), "{result:?}");
+    assert_eq!(client_transport.stats().handshake_failures, 1);
+    stop(&client_transport);
+    mute.join().unwrap();
+}
