@@ -18,6 +18,7 @@ use crate::packet::Packet;
 use crate::proto::Ready;
 use crate::sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, SegQueue};
 
+use super::conn::Conn;
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
 
@@ -467,8 +468,13 @@ fn run_requests(
     handler: Arc<dyn RequestHandler>,
     mut requests: Vec<(Packet, ReplyTo)>,
 ) {
+    let Some(conn) = requests.first().map(|(_, reply)| reply.conn().clone()) else {
+        return;
+    };
+    let mut run = RepliesHeld::begin(conn);
     let mut drain = requests.drain(..);
     while let Some((request, reply)) = drain.next() {
+        run.flush_if_due();
         if drain.len() > 0 && queues.sleepers.load(Ordering::Relaxed) > 0 {
             let mut rest = queues.spare_vec();
             rest.extend(drain.by_ref());
@@ -486,6 +492,7 @@ fn run_requests(
                 Err(Job::Requests { requests: rest, .. }) => {
                     queues.queued.fetch_sub(n, Ordering::SeqCst);
                     run_request(handler.as_ref(), request, reply);
+                    drop(run);
                     run_requests(queues, handler, rest);
                     break;
                 }
@@ -508,6 +515,7 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
         queues.notify();
     }
     queues.enter_busy();
+    let mut run: Option<RepliesHeld> = None;
     for _ in 0..STRAND_TURN {
         let taken = {
             let mut state = strand.state.lock();
@@ -532,6 +540,16 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
             // Shutting down: dropped unanswered, as queued requests are.
             continue;
         }
+        match &mut run {
+            Some(run) => run.flush_if_due(),
+            None => {
+                let conn = match &taken {
+                    Taken::One(_, reply) => reply.conn(),
+                    Taken::Batch(requests) => requests[0].1.conn(),
+                };
+                run = Some(RepliesHeld::begin(conn.clone()));
+            }
+        }
         match taken {
             Taken::One(request, reply) => run_request(strand.handler.as_ref(), request, reply),
             Taken::Batch(requests) => run_batch(strand.handler.as_ref(), requests),
@@ -541,6 +559,43 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
     queues.notify();
     queues.leave_busy();
 }
+
+/// A worker's run of one connection's requests: replies made during it go
+/// back to the IO thread with one flush request when it ends (dropped), or
+/// every [`FLUSH_EVERY`] for slow handlers, rather than one per reply.
+struct RepliesHeld {
+    conn: Arc<Conn>,
+    since: Instant,
+}
+
+impl RepliesHeld {
+    fn begin(conn: Arc<Conn>) -> Self {
+        conn.begin_batch();
+        RepliesHeld {
+            conn,
+            since: Instant::now(),
+        }
+    }
+
+    /// Lets the replies held so far go if the run has lasted a while.
+    fn flush_if_due(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.since) >= FLUSH_EVERY {
+            self.conn.end_worker_batch();
+            self.conn.begin_batch();
+            self.since = now;
+        }
+    }
+}
+
+impl Drop for RepliesHeld {
+    fn drop(&mut self) {
+        self.conn.end_worker_batch();
+    }
+}
+
+/// The longest a worker holds a run's replies back.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Emptied request vectors kept for reuse.
 const SPARE_VECS: usize = 64;
