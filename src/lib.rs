@@ -457,8 +457,7 @@ pub use message::{
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
-pub use server::ListenOptions;
-pub use server::{Dispatch, Responder, ServerAdaptor};
+pub use server::{Batch, BatchAdaptor, Dispatch, ListenOptions, Responder, ServerAdaptor};
 pub use transport::{
     AllowList, Cidr, CidrParseError, StatsSnapshot, Transport, TransportBuilder,
     DEFAULT_BUDGET_CONNECTIONS, DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,

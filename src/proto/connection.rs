@@ -239,6 +239,15 @@ impl Connection {
         self.side == Side::Server && self.unanswered() >= self.limits.max_in_flight as u64
     }
 
+    /// How many more requests a server may hand to handlers before
+    /// [`Limits::max_in_flight`] holds it (unlimited for clients).
+    pub fn in_flight_room(&self) -> u64 {
+        match self.side {
+            Side::Server => (self.limits.max_in_flight as u64).saturating_sub(self.unanswered()),
+            Side::Client => u64::MAX,
+        }
+    }
+
     /// Whether the peer is behind: unwritten output or unanswered requests
     /// at their limits. Reading resumes once neither is.
     pub fn backlogged(&self) -> bool {
@@ -786,7 +795,9 @@ mod tests {
         assert_eq!(c.hold(), Some(Hold::InFlight));
         assert!(c.backlogged());
         assert!(c.next_frame(&s).unwrap().is_none(), "frame 3 waits");
+        assert_eq!(c.in_flight_room(), 0);
         c.set_answered(1);
+        assert_eq!(c.in_flight_room(), 1);
         assert_eq!(c.hold(), None);
         assert!(c.next_frame(&s).unwrap().is_some());
         // Clients are never held for requests in flight.

@@ -14,6 +14,7 @@ mod faults;
 mod half_close;
 mod handles;
 mod hostile;
+mod ordered;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
