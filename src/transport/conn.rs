@@ -396,7 +396,10 @@ impl Conn {
         self.batches.fetch_sub(1, Ordering::SeqCst);
         let flush = {
             let state = self.state.lock();
-            (state.out.len() > 0 || state.draining) && !matches!(state.status, Status::Closed(_))
+            // Dropped responders count as answers: a draining connection or
+            // one waiting for answers to read again must hear of them.
+            (!state.out.is_empty() || state.draining || state.awaiting_answers)
+                && !matches!(state.status, Status::Closed(_))
         };
         if flush {
             self.schedule_flush();

@@ -681,15 +681,26 @@ impl IoLoop {
                     inline,
                     decoded: 0,
                     queued_jobs: false,
+                    out_of_room: false,
                 };
-                batch.begin(c);
-                let result = batch.decode(c);
-                if inline {
-                    // (Workers' replies are taken by the write that follows.)
-                    batch.end(c);
+                loop {
+                    batch.begin(c);
+                    let result = batch.decode(c);
+                    if inline {
+                        // (Workers' replies are taken by the write that follows.)
+                        batch.end(c);
+                    }
+                    // Stopped at the in-flight limit, whose places the
+                    // inline handlers may have given back already: no
+                    // read would bring the buffered requests back.
+                    let again = std::mem::take(&mut batch.out_of_room)
+                        && result.is_ok()
+                        && c.state.in_flight_room() > 0;
+                    if !again {
+                        batch.finish();
+                        return result;
+                    }
                 }
-                batch.finish();
-                result
             }
         }
     }
@@ -947,6 +958,8 @@ struct RequestBatch<'a> {
     inline: bool,
     decoded: usize,
     queued_jobs: bool,
+    /// The pass stopped at the in-flight limit.
+    out_of_room: bool,
 }
 
 impl RequestBatch<'_> {
@@ -1053,6 +1066,7 @@ impl RequestBatch<'_> {
             }
             // Requests gathered for the end of the pass are in flight too.
             if self.gathered.len() as u64 >= c.state.in_flight_room() {
+                self.out_of_room = true;
                 return Ok(());
             }
             let packet = match c.state.next_frame(&*self.shared.streamer) {

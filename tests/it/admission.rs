@@ -281,3 +281,41 @@ fn listen_options_choose_the_dispatch() {
     assert_eq!(reply.body(), "tbnet-io");
     stop(&transport);
 }
+
+#[test]
+fn requests_dropped_unanswered_by_workers_free_their_in_flight_places() {
+    for dispatch in [Dispatch::Workers, Dispatch::Ordered, Dispatch::IoThread] {
+        let transport = Transport::builder()
+            .workers(2)
+            .max_in_flight(2)
+            .start()
+            .unwrap();
+        let addr = transport
+            .listen_with(
+                loopback(),
+                |request: Packet, responder: Responder| {
+                    if request.body() != "drop" {
+                        echo(request, responder);
+                    }
+                },
+                dispatch,
+            )
+            .unwrap();
+        let mut peer = raw_client(addr);
+        let mut burst = Vec::new();
+        for chid in 1..=20 {
+            burst.extend(frame(chid, 5, b"drop"));
+        }
+        burst.extend(frame(21, 5, b"last"));
+        send_bytes(&mut peer, &burst);
+        let reply = read_frame(&mut peer)
+            .unwrap_or_else(|e| panic!("{dispatch:?}: the last request unanswered: {e}"));
+        assert_eq!(
+            (reply.chid, &reply.body[..]),
+            (21, &b"last"[..]),
+            "{dispatch:?}"
+        );
+        assert_eq!(transport.stats().packets_in, 21);
+        stop(&transport);
+    }
+}
