@@ -247,7 +247,10 @@
 //! `transport/timer.rs`; requests end in `transport/conn.rs` and are
 //! delivered by `transport/outcomes.rs`; the transport's phase is
 //! `transport/lifecycle.rs`; the status page is a first-bytes sniffer that
-//! `server.rs` plugs into its listeners from `status.rs`.
+//! `server.rs` plugs into its listeners from `status.rs`; who may connect
+//! is decided at accept in `transport/admission.rs`, the memory budget in
+//! `transport/budget.rs`, TLS sessions live in `transport/tls.rs` behind
+//! the byte-stream seam `transport/stream.rs`.
 //!
 //! # The pure core
 //!
