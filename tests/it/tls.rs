@@ -71,9 +71,14 @@ impl Ca {
 }
 
 fn tls_server_on(addr: SocketAddr, tls: TlsServerConfig) -> Server {
+    tls_server_with(addr, tls, tbnet::DEFAULT_HANDSHAKE_TIMEOUT)
+}
+
+/// A TLS echo server whose handshakes must end within `handshake`.
+fn tls_server_with(addr: SocketAddr, tls: TlsServerConfig, handshake: Duration) -> Server {
     let transport = Transport::builder()
         .workers(2)
-        .handshake_timeout(Duration::from_millis(300))
+        .handshake_timeout(handshake)
         .start()
         .unwrap();
     let addr = transport
@@ -289,7 +294,11 @@ fn closed_by_server(stream: &mut TcpStream) -> bool {
 #[test]
 fn hostile_peers_over_tls_cost_only_their_connection() {
     let ca = Ca::new("test CA");
-    let server = tls_server(&ca);
+    let issued = ca.server();
+    let tls = TlsServerConfig::new(issued.cert.as_bytes(), issued.key.as_bytes()).unwrap();
+    // Long enough for a loaded machine's good handshakes, short enough for
+    // the stalled ones to end soon.
+    let server = tls_server_with(loopback(), tls, Duration::from_secs(1));
     let client_transport = transport();
     let good = tls_client(&client_transport, &ca, "localhost");
     let call = |body: &str| {
