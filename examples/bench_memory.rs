@@ -273,10 +273,15 @@ fn client_allocations_per_request(requests: usize) {
                 let m = manager.clone();
                 let b = body.clone();
                 manager
-                    .send(addr, Packet::new(1, body), None, move |r: Result<Packet, tbnet::Error>| {
-                        r.expect("an answer");
-                        next(m, addr, b, sent, done, n);
-                    })
+                    .send(
+                        addr,
+                        Packet::new(1, body),
+                        None,
+                        move |r: Result<Packet, tbnet::Error>| {
+                            r.expect("an answer");
+                            next(m, addr, b, sent, done, n);
+                        },
+                    )
                     .expect("queued");
             }
             for _ in 0..depth {
