@@ -76,10 +76,7 @@ fn main() -> ExitCode {
             .dispatch(Dispatch::IoThread)
             .workers(1)
             .start();
-        match server.and_then(|t| {
-            t.listen("127.0.0.1:0".parse().expect("valid address"), echo)
-                .map(|a| (t, a))
-        }) {
+        match server.and_then(|t| t.listen("127.0.0.1:0", echo).map(|a| (t, a))) {
             Ok(pair) => Some(pair),
             Err(e) => {
                 eprintln!("echo_client: cannot start the embedded server: {e}");

@@ -70,6 +70,9 @@ enum Kind {
         index: usize,
     },
     Future(Arc<FutureShared>),
+    /// A one-way post's slot: whatever ends it is dropped (a reply is
+    /// counted by the connection that matched it).
+    Discard,
 }
 
 impl Completion {
@@ -90,6 +93,18 @@ impl Completion {
     /// Whether firing runs user code (a callback) rather than waking a waiter.
     pub fn is_callback(&self) -> bool {
         matches!(self.kind, Some(Kind::Callback(_)))
+    }
+
+    /// The completion of a one-way post: nobody waits for its outcome.
+    pub(crate) fn discard() -> Self {
+        Completion {
+            kind: Some(Kind::Discard),
+        }
+    }
+
+    /// Whether this is a post's completion, whose outcome is dropped.
+    pub(crate) fn is_discard(&self) -> bool {
+        matches!(self.kind, Some(Kind::Discard))
     }
 
     /// Drops the completion without an outcome: the submission it belonged
@@ -115,6 +130,7 @@ impl fmt::Debug for Completion {
             Some(Kind::Callback(_)) => "callback",
             Some(Kind::Wait { .. }) => "wait",
             Some(Kind::Future(_)) => "future",
+            Some(Kind::Discard) => "discard",
             None => "fired",
         };
         f.debug_tuple("Completion").field(&kind).finish()
@@ -127,6 +143,7 @@ impl Kind {
             Kind::Callback(handler) => handler.handle_packet(result),
             Kind::Wait { shared, index } => shared.fire(index, result),
             Kind::Future(shared) => shared.fire(result),
+            Kind::Discard => {}
         }
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! // Server: an adaptor is any `Fn(Packet, Responder)`; reply now or later.
 //! let server = Transport::builder().start()?;
-//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), |request: Packet, responder: Responder| {
+//! let addr = server.listen("127.0.0.1:0", |request: Packet, responder: Responder| {
 //!     let _ = responder.reply(request.reply(request.body().clone()));
 //! })?;
 //!
@@ -123,7 +123,7 @@
 //!     };
 //! });
 //! let server = Transport::builder().start()?;
-//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator)?;
+//! let addr = server.listen("127.0.0.1:0", calculator)?;
 //! println!("serving on {addr}");
 //! # server.stop();
 //! # Ok::<(), tbnet::Error>(())
@@ -163,7 +163,7 @@
 //! #     })
 //! # }
 //! # let server = Transport::builder().start()?;
-//! # let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator())?;
+//! # let addr = server.listen("127.0.0.1:0", calculator())?;
 //! use tbnet::{ConnectionManager, Error, WaitObject};
 //!
 //! let client = Transport::builder().start()?;
@@ -392,6 +392,7 @@
 
 mod client;
 mod completion;
+mod endpoint;
 mod error;
 mod message;
 mod packet;
@@ -407,6 +408,7 @@ pub use client::{
     DEFAULT_TIMEOUT,
 };
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
+pub use endpoint::ToEndpoint;
 pub use error::{Error, SendError};
 pub use message::{
     DecodeError, Message, MessageFuture, ERROR_BAD_REQUEST, ERROR_PCODE, ERROR_UNKNOWN_PCODE,

@@ -98,7 +98,7 @@ impl TransportBuilder {
     /// use tbnet::{Packet, Responder, Transport};
     ///
     /// let transport = Transport::builder().status_page(true).start()?;
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |_: Packet, _: Responder| {})?;
+    /// let addr = transport.listen("127.0.0.1:0", |_: Packet, _: Responder| {})?;
     /// let mut http = std::net::TcpStream::connect(addr)?;
     /// http.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
     /// let mut response = String::new();
