@@ -11,6 +11,7 @@ mod faults;
 mod half_close;
 mod handles;
 mod hostile;
+mod post;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
