@@ -139,6 +139,10 @@ pub struct ServerStats {
     /// Early failures since the last healthy connection: what the current
     /// backoff delay is computed from.
     pub failures_in_a_row: u32,
+    /// Submissions blocked now waiting for room in the connection's queue
+    /// ([`ConnectionManager::with_queue_wait`]) or for it to connect
+    /// ([`ConnectionManager::connect`]).
+    pub waiting: u64,
 }
 
 /// One server's connection, its settings and its reconnect bookkeeping.
@@ -759,9 +763,12 @@ impl ConnectionManager {
         let server = server.to_endpoint().ok()?;
         let mut conns = self.conns.lock();
         let slot = conns.get_mut(&server)?;
-        slot.conn.as_ref()?;
+        let waiting = slot.conn.as_ref()?.room_waiters() as u64;
         self.account(slot);
-        Some(slot.stats)
+        Some(ServerStats {
+            waiting,
+            ..slot.stats
+        })
     }
 
     /// Connections currently held (open or connecting).

@@ -224,6 +224,11 @@ impl Conn {
         limit
     }
 
+    /// Submitters blocked now waiting for room (or for the connect).
+    pub(crate) fn room_waiters(&self) -> usize {
+        self.state.lock().room_waiters
+    }
+
     /// After a removal: wakes the submitters waiting for room, if any (the
     /// caller read `room_waiters` under the lock and calls this after it).
     fn wake_room_waiters(&self, waiters: bool) {

@@ -11,6 +11,7 @@ mod faults;
 mod half_close;
 mod handles;
 mod hostile;
+mod manager_control;
 mod post;
 mod reconnect;
 mod reconnect_storm;
