@@ -405,11 +405,12 @@ impl ConnectionManager {
     /// see the new limit. Requests already pending stay, even above a
     /// lowered limit. A raise wakes submissions waiting for room.
     ///
-    /// An open connection's channel ids can number only so many slots (the
-    /// limit it opened with, rounded up to a power of two, minus one: 511
-    /// for the default 256): a limit above that applies to it only up to
-    /// that, and in full from its next connection. Applies to a server this
-    /// manager has not connected to yet as well.
+    /// An open connection's channel ids can number only so many slots: the
+    /// larger of the server's and the manager's limit when it opened,
+    /// rounded up to a power of two, minus one (511 for the default 256). A
+    /// limit above that applies to it only up to that, and in full from its
+    /// next connection. Applies to a server this manager has not connected
+    /// to yet as well.
     ///
     /// # Errors
     /// [`Error::InvalidAddress`] for a spec that does not resolve.
@@ -891,13 +892,18 @@ impl ConnectionManager {
                 }
             }
         }
+        // Channel ids are split for the larger of the server's limit and the
+        // manager's, so the server's may later be raised up to the latter.
         let conn = Arc::new(Conn::new(
             shared.clone(),
             server,
             Side::Client,
-            slot.queue_limit,
+            slot.queue_limit.max(self.queue_limit),
             self.backoff.grace,
         ));
+        if slot.queue_limit < self.queue_limit {
+            conn.set_queue_limit(slot.queue_limit);
+        }
         let failures = slot.failures;
         slot.conn = Some(conn.clone());
         slot.retry_at = None;

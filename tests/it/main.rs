@@ -13,6 +13,7 @@ mod handles;
 mod hostile;
 mod manager_control;
 mod post;
+mod queue_wait;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
