@@ -390,6 +390,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
+mod buffer;
 mod client;
 mod completion;
 mod endpoint;
@@ -403,6 +404,7 @@ mod status;
 mod sync;
 mod transport;
 
+pub use buffer::{DataBuffer, DataReader};
 pub use client::{
     Backoff, ConnectionManager, ServerId, ServerStats, WhileDown, DEFAULT_QUEUE_LIMIT,
     DEFAULT_TIMEOUT,

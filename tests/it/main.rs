@@ -5,6 +5,7 @@
 
 mod client;
 mod concurrency;
+mod data_buffer;
 mod exactly_once;
 mod examples;
 mod faults;
