@@ -8,6 +8,7 @@
 //! neither the IO thread nor the timer. Idle workers park; producers wake
 //! one only when someone sleeps.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,15 +21,81 @@ use crate::sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Or
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
 
-/// A request for a handler, run on a worker.
-pub(crate) struct Job {
-    pub(crate) handler: Arc<dyn RequestHandler>,
-    pub(crate) request: Packet,
-    pub(crate) reply: ReplyTo,
+/// Requests for a handler, run on a worker: one request, or (for handlers
+/// that take batches) every request one decode pass of a connection read.
+pub(crate) enum Job {
+    One {
+        handler: Arc<dyn RequestHandler>,
+        request: Packet,
+        reply: ReplyTo,
+    },
+    Batch {
+        handler: Arc<dyn RequestHandler>,
+        requests: Vec<(Packet, ReplyTo)>,
+    },
+}
+
+impl Job {
+    /// How many requests the job holds.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Job::One { .. } => 1,
+            Job::Batch { requests, .. } => requests.len(),
+        }
+    }
+}
+
+/// One connection's requests under [`Dispatch::Ordered`]: a queue that at
+/// most one worker runs at a time, front to back.
+///
+/// The IO thread appends each decode pass's requests and schedules the
+/// strand (puts it on the pool's strand queue) if no worker has it; the
+/// worker that takes it runs requests until the strand is empty, then
+/// unschedules it under the same lock the IO thread appends under, so a
+/// request is never left in an unscheduled strand.
+///
+/// [`Dispatch::Ordered`]: super::Dispatch::Ordered
+pub(crate) struct Strand {
+    handler: Arc<dyn RequestHandler>,
+    /// Hand the handler everything queued at once.
+    batches: bool,
+    state: Mutex<StrandState>,
+}
+
+struct StrandState {
+    queue: VecDeque<(Packet, ReplyTo)>,
+    /// On the strand queue or held by a worker.
+    scheduled: bool,
+}
+
+impl Strand {
+    pub(crate) fn new(handler: Arc<dyn RequestHandler>, batches: bool) -> Self {
+        Strand {
+            handler,
+            batches,
+            state: Mutex::new(StrandState {
+                queue: VecDeque::new(),
+                scheduled: false,
+            }),
+        }
+    }
+}
+
+/// What a worker took from a strand.
+enum Taken {
+    One(Packet, ReplyTo),
+    Batch(Vec<(Packet, ReplyTo)>),
 }
 
 pub(crate) struct WorkQueues {
     requests: ArrayQueue<Job>,
+    /// Ordered connections with requests waiting (bounded by the number
+    /// of connections: a strand is queued at most once).
+    strands: SegQueue<Arc<Strand>>,
+    /// Requests waiting in strands, and how many may before the IO thread
+    /// pauses reading (the request queue's capacity).
+    ordered_queued: AtomicUsize,
+    ordered_limit: usize,
     callbacks: SegQueue<Ready>,
     /// Callbacks queued and not yet run, and how many may be.
     callbacks_queued: AtomicUsize,
@@ -51,6 +118,9 @@ impl WorkQueues {
     pub(crate) fn new(capacity: usize, callback_limit: usize) -> Self {
         WorkQueues {
             requests: ArrayQueue::new(capacity.max(1)),
+            strands: SegQueue::new(),
+            ordered_queued: AtomicUsize::new(0),
+            ordered_limit: capacity.max(1),
             callbacks: SegQueue::new(),
             callbacks_queued: AtomicUsize::new(0),
             callback_limit,
@@ -82,6 +152,40 @@ impl WorkQueues {
         // Full: make sure someone is awake to drain it.
         self.notify();
         retry
+    }
+
+    /// IO thread: appends one decode pass's requests (emptying `requests`)
+    /// to an ordered connection's strand, scheduling it if no worker has
+    /// it. False when the requests waiting in strands reached the queue's
+    /// capacity: the IO thread then pauses reading the connection (these
+    /// requests were taken all the same) until a worker asks it to resume.
+    /// The caller wakes the workers with [`notify`](Self::notify).
+    pub(crate) fn push_ordered(
+        &self,
+        strand: &Arc<Strand>,
+        requests: &mut Vec<(Packet, ReplyTo)>,
+    ) -> bool {
+        let n = requests.len();
+        if n == 0 {
+            return true;
+        }
+        let queued = self.ordered_queued.fetch_add(n, Ordering::SeqCst) + n;
+        let schedule = {
+            let mut state = strand.state.lock();
+            state.queue.extend(requests.drain(..));
+            !std::mem::replace(&mut state.scheduled, true)
+        };
+        if schedule {
+            self.strands.push(strand.clone());
+        }
+        if queued < self.ordered_limit {
+            return true;
+        }
+        // As for the request queue: raise the flag, then look again, so a
+        // worker that took requests meanwhile either saw the flag or left
+        // the room the second look finds.
+        self.io_waiting.store(true, Ordering::SeqCst);
+        self.ordered_queued.load(Ordering::SeqCst) < self.ordered_limit
     }
 
     /// Queues a callback; the caller wakes the workers with
@@ -117,8 +221,10 @@ impl WorkQueues {
         self.busy.load(Ordering::SeqCst)
     }
 
+    /// Requests queued for workers and not taken yet (a batch counts as
+    /// one until taken).
     pub(crate) fn queued_requests(&self) -> usize {
-        self.requests.len()
+        self.requests.len() + self.ordered_queued.load(Ordering::Relaxed)
     }
 
     /// Wakes a parked worker, if any, for work queued before this call.
@@ -135,7 +241,15 @@ impl WorkQueues {
     }
 
     fn is_idle(&self) -> bool {
-        self.requests.is_empty() && self.callbacks.is_empty()
+        self.requests.is_empty() && self.callbacks.is_empty() && self.strands.is_empty()
+    }
+
+    /// A worker took `n` requests from a queue the IO thread may be paused
+    /// on: ask it to read on.
+    fn took_requests(&self, shared: &Shared) {
+        if self.io_waiting.load(Ordering::SeqCst) && self.io_waiting.swap(false, Ordering::SeqCst) {
+            shared.command(Command::ResumeReading);
+        }
     }
 
     /// Drops requests still queued: the transport stopped before a worker
@@ -144,6 +258,11 @@ impl WorkQueues {
     pub(crate) fn drop_requests(&self) {
         while let Some(job) = self.requests.pop() {
             drop(job);
+        }
+        while let Some(strand) = self.strands.pop() {
+            let mut state = strand.state.lock();
+            state.queue.clear();
+            state.scheduled = false;
         }
     }
 
@@ -236,11 +355,15 @@ fn run_one_callback(shared: &Shared) -> bool {
 fn run_one_request(shared: &Shared) -> bool {
     let queues = &shared.workers;
     let Some(job) = queues.requests.pop() else {
-        return false;
+        return match queues.strands.pop() {
+            Some(strand) => {
+                run_strand(shared, strand);
+                true
+            }
+            None => false,
+        };
     };
-    if queues.io_waiting.load(Ordering::SeqCst) && queues.io_waiting.swap(false, Ordering::SeqCst) {
-        shared.command(Command::ResumeReading);
-    }
+    queues.took_requests(shared);
     if queues.is_stopping() {
         // Shutting down: the request is dropped unanswered.
         return true;
@@ -256,6 +379,63 @@ fn run_one_request(shared: &Shared) -> bool {
     queues.leave_busy();
     true
 }
+
+/// Runs an ordered connection's requests one after another, for at most
+/// [`STRAND_TURN`] requests (or batches); a strand with more left goes to
+/// the back of the queue so that other connections get workers too.
+fn run_strand(shared: &Shared, strand: Arc<Strand>) {
+    let queues = &shared.workers;
+    // Other connections' strands wait: pass the wake on.
+    if !queues.strands.is_empty() {
+        queues.notify();
+    }
+    queues.enter_busy();
+    for _ in 0..STRAND_TURN {
+        let taken = {
+            let mut state = strand.state.lock();
+            if state.queue.is_empty() {
+                state.scheduled = false;
+                queues.leave_busy();
+                return;
+            }
+            if strand.batches {
+                Taken::Batch(state.queue.drain(..).collect())
+            } else {
+                let (request, reply) = state.queue.pop_front().expect("not empty");
+                Taken::One(request, reply)
+            }
+        };
+        let n = match &taken {
+            Taken::One(..) => 1,
+            Taken::Batch(requests) => requests.len(),
+        };
+        queues.ordered_queued.fetch_sub(n, Ordering::SeqCst);
+        queues.took_requests(shared);
+        if queues.is_stopping() {
+            // Shutting down: dropped unanswered, as queued requests are.
+            continue;
+        }
+        let job = match taken {
+            Taken::One(request, reply) => Job::One {
+                handler: strand.handler.clone(),
+                request,
+                reply,
+            },
+            Taken::Batch(requests) => Job::Batch {
+                handler: strand.handler.clone(),
+                requests,
+            },
+        };
+        run_job(job);
+    }
+    queues.strands.push(strand);
+    queues.notify();
+    queues.leave_busy();
+}
+
+/// Requests (or batches) a worker runs from one strand before it lets
+/// other connections' strands go first.
+const STRAND_TURN: usize = 64;
 
 /// Spins briefly, then yields once, watching for work, if a core is spare
 /// for it. True if work came.
@@ -296,14 +476,25 @@ pub(crate) fn run_callback(ready: Ready) {
 }
 
 fn run_job(job: Job) {
-    let Job {
-        handler,
-        request,
-        reply,
-    } = job;
-    let peer = reply.conn().peer();
-    if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
-        tracing::error!(%peer, "a request handler panicked");
+    match job {
+        Job::One {
+            handler,
+            request,
+            reply,
+        } => {
+            let peer = reply.conn().peer();
+            if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
+                tracing::error!(%peer, "a request handler panicked");
+            }
+        }
+        Job::Batch { handler, requests } => {
+            let Some(peer) = requests.first().map(|(_, reply)| reply.conn().peer()) else {
+                return;
+            };
+            if catch_unwind(AssertUnwindSafe(|| handler.handle_batch(requests))).is_err() {
+                tracing::error!(%peer, "a batch handler panicked");
+            }
+        }
     }
 }
 

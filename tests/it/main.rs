@@ -13,6 +13,7 @@ mod half_close;
 mod handles;
 mod hostile;
 mod manager_control;
+mod ordered;
 mod post;
 mod queue_wait;
 mod reconnect;
