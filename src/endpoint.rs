@@ -203,7 +203,14 @@ mod tests {
     fn socket_addresses_and_server_ids_pass_through() {
         let a = addr("10.0.0.1:5000");
         assert_eq!(a.to_endpoint().unwrap(), a);
-        assert_eq!((&a).to_endpoint().unwrap(), a);
+        fn generic(e: impl ToEndpoint) -> SocketAddr {
+            e.to_endpoint().unwrap()
+        }
+        let specs = [String::from("tcp:10.0.0.1:5000")];
+        for spec in &specs {
+            // `&String`, through the blanket impl for references.
+            assert_eq!(generic(spec), a);
+        }
         let id = ServerId::try_from(a).unwrap();
         assert_eq!(id.to_endpoint().unwrap(), a);
         assert_eq!(String::from("tcp:10.0.0.1:5000").to_endpoint().unwrap(), a);
