@@ -495,6 +495,9 @@ impl ConnectionManager {
         let server = server.to_endpoint()?;
         let started = Instant::now();
         let conn = self.conn(server, true)?.0;
+        // An open-or-opening connection may be waiting out a backoff delay
+        // (`WhileDown::Queue`): an explicit connect does not wait.
+        conn.connect_now();
         conn.wait_open(started + self.transport.config().connect_timeout)
     }
 

@@ -237,6 +237,22 @@ impl Conn {
         }
     }
 
+    /// A reconnect delayed by backoff starts now (an explicit connect):
+    /// takes its timer entry and hands the connect to the IO thread. Does
+    /// nothing if no delayed connect is waiting, or the timer already took
+    /// it (then it is on its way).
+    pub(crate) fn connect_now(self: &Arc<Self>) {
+        let taken = {
+            let mut state = self.state.lock();
+            (state.reconnect_timer.take()).and_then(|key| self.shared.timer.remove(key))
+        };
+        // After the lock: it may be the last reference, and a command may
+        // fail requests.
+        if let Some(conn) = taken {
+            self.shared.command(Command::Connect(conn));
+        }
+    }
+
     /// Registers a request and queues its frame. The request's channel id is
     /// set here.
     ///

@@ -2,6 +2,7 @@
 //! `is_alive`, and `WhileDown::StayDown` (no automatic reconnect).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tbnet::{ConnectionManager, Error, Packet, WhileDown};
 
@@ -138,6 +139,37 @@ fn stay_down_keeps_a_lost_connection_down_until_connect() {
         .connect(format!("tcp:{addr}"))
         .expect("connect by spec");
     assert!(client.call(addr, Packet::new(1, "x"), Some(NEVER)).is_ok());
+    stop(&client_transport);
+    stop(&server.transport);
+}
+
+#[test]
+fn connect_does_not_wait_out_a_queued_reconnect_delay() {
+    let port = reserve_port();
+    let client_transport = transport();
+    // After one failed attempt the next waits at least a minute.
+    let client = ConnectionManager::new(&client_transport)
+        .with_backoff(tbnet::Backoff {
+            initial: Duration::from_secs(120),
+            max: Duration::from_secs(120),
+            ..tbnet::Backoff::default()
+        })
+        .with_while_down(WhileDown::Queue);
+    assert!(client.connect(port.addr()).is_err(), "nobody listens yet");
+    assert_eq!(
+        client.server_stats(port.addr()).unwrap().failures_in_a_row,
+        1
+    );
+    // Queued on a connection that opens when the delay ends.
+    let queued = client
+        .call_async(port.addr(), Packet::new(1, "queued"), Some(NEVER))
+        .expect("queued");
+    let server = echo_server_on(port.addr());
+    client.connect(port.addr()).expect("connects now");
+    assert_eq!(
+        tokio_test::block_on(queued).expect("answered").body(),
+        "queued"
+    );
     stop(&client_transport);
     stop(&server.transport);
 }
