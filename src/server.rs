@@ -244,9 +244,10 @@ impl<B: BatchAdaptor> RequestHandler for AdaptedBatch<B> {
 /// The way back to the client for one request: reply once, now or later,
 /// from any thread.
 ///
-/// A request that arrived with channel id 0 is one-way (tbnet peers never
-/// send it; this crate's [`post`](crate::ConnectionManager::post) does):
-/// its responder discards any reply.
+/// A request that arrived with channel id 0 is one-way (neither tbnet's
+/// clients nor this crate's send it; even
+/// [`post`](crate::ConnectionManager::post) takes a real id): its responder
+/// discards any reply.
 pub struct Responder {
     /// `None` once replied.
     reply: Option<ReplyTo>,
