@@ -22,6 +22,7 @@ mod regressions;
 mod server;
 mod shutdown;
 mod soak;
+mod spec;
 mod status;
 mod support;
 mod typed;
