@@ -835,6 +835,35 @@ mod loom_tests {
         });
     }
 
+    /// A submission finds the queue full and waits for room while the
+    /// response that frees it arrives: whichever comes first, the waiter is
+    /// not left asleep (loom reports a deadlock if the wakeup is lost).
+    #[test]
+    fn loom_conn_a_submission_waiting_for_room_is_woken_by_a_response() {
+        loom::model(|| {
+            let t0 = Instant::now();
+            let far = t0 + Duration::from_secs(3600);
+            let (conn, _poll) = open_client(t0);
+            conn.set_queue_limit(1);
+            let (id, first) = request(&conn, t0, far);
+            let responder = {
+                let conn = conn.clone();
+                thread::spawn(move || respond(&conn, id))
+            };
+            let (second, completion) = ResponseFuture::new();
+            let submitted =
+                conn.submit(Packet::new(PCODE, "second"), t0, far, completion, Some(far));
+            responder.join().unwrap();
+
+            assert!(submitted.is_ok(), "the freed slot went to the waiter");
+            assert!(matches!(outcome(first), Ok(p) if &p.body()[..] == b"pong"));
+            assert_eq!(conn.room_waiters(), 0);
+            assert_eq!(conn.state.lock().pool.len(), 1);
+            drop(second);
+            teardown(conn);
+        });
+    }
+
     /// A caller drops its future, which withdraws the request through the
     /// connection (the `CancelHandle` the client attaches), while the
     /// response arrives: the request leaves the table once, by one of them.
