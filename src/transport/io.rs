@@ -581,8 +581,9 @@ impl IoLoop {
             };
             if let Some(job) = c.stalled.take() {
                 let n = job.len();
-                if let Err(job) = self.shared.workers.push_request(job) {
-                    c.stalled = Some(job);
+                if let Err(rest) = self.shared.workers.push_request(job) {
+                    c.state.dispatched(n - rest.len());
+                    c.stalled = Some(rest);
                     self.paused.push(token);
                     break;
                 }
@@ -842,15 +843,32 @@ impl RequestBatch<'_> {
                 handle_inline_batch(service.handler.as_ref(), std::mem::take(self.gathered));
             }
             Dispatch::Workers => {
-                let job = Job::Batch {
-                    handler: service.handler.clone(),
-                    requests: std::mem::take(self.gathered),
+                let handler = service.handler.clone();
+                let job = if service.batches {
+                    Job::Batch {
+                        handler,
+                        requests: std::mem::take(self.gathered),
+                    }
+                } else if n == 1 {
+                    let (request, reply) = self.gathered.pop().expect("one request");
+                    Job::One {
+                        handler,
+                        request,
+                        reply,
+                    }
+                } else {
+                    let spare = self.shared.workers.spare_vec();
+                    Job::Requests {
+                        handler,
+                        requests: std::mem::replace(self.gathered, spare),
+                    }
                 };
                 self.queued_jobs = true;
                 match self.shared.workers.push_request(job) {
                     Ok(()) => c.state.dispatched(n),
-                    Err(job) => {
-                        c.stalled = Some(job);
+                    Err(rest) => {
+                        c.state.dispatched(n - rest.len());
+                        c.stalled = Some(rest);
                         c.state.workers_full();
                         self.paused.push(self.token);
                     }
@@ -901,33 +919,14 @@ impl RequestBatch<'_> {
                 "request received"
             );
             let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
-            if service.batches || service.dispatch == Dispatch::Ordered {
+            // Workers take a pass at a time (one queue operation), batch
+            // handlers too; plain handlers on this thread run at once.
+            if service.batches || service.dispatch != Dispatch::IoThread {
                 self.gathered.push((packet, reply));
                 continue;
             }
-            match service.dispatch {
-                Dispatch::Ordered => unreachable!("gathered above"),
-                Dispatch::IoThread => {
-                    c.state.dispatched(1);
-                    handle_inline(service.handler.as_ref(), packet, reply);
-                }
-                Dispatch::Workers => {
-                    let job = Job::One {
-                        handler: service.handler.clone(),
-                        request: packet,
-                        reply,
-                    };
-                    self.queued_jobs = true;
-                    match self.shared.workers.push_request(job) {
-                        Ok(()) => c.state.dispatched(1),
-                        Err(job) => {
-                            c.stalled = Some(job);
-                            c.state.workers_full();
-                            self.paused.push(self.token);
-                        }
-                    }
-                }
-            }
+            c.state.dispatched(1);
+            handle_inline(service.handler.as_ref(), packet, reply);
         }
     }
 
