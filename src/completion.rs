@@ -70,6 +70,10 @@ enum Kind {
         index: usize,
     },
     Future(Arc<FutureShared>),
+    Call(Arc<CallSlot>),
+    /// A one-way post's slot: whatever ends it is dropped (a reply is
+    /// counted by the connection that matched it).
+    Discard,
 }
 
 impl Completion {
@@ -90,6 +94,18 @@ impl Completion {
     /// Whether firing runs user code (a callback) rather than waking a waiter.
     pub fn is_callback(&self) -> bool {
         matches!(self.kind, Some(Kind::Callback(_)))
+    }
+
+    /// The completion of a one-way post: nobody waits for its outcome.
+    pub(crate) fn discard() -> Self {
+        Completion {
+            kind: Some(Kind::Discard),
+        }
+    }
+
+    /// Whether this is a post's completion, whose outcome is dropped.
+    pub(crate) fn is_discard(&self) -> bool {
+        matches!(self.kind, Some(Kind::Discard))
     }
 
     /// Drops the completion without an outcome: the submission it belonged
@@ -115,6 +131,8 @@ impl fmt::Debug for Completion {
             Some(Kind::Callback(_)) => "callback",
             Some(Kind::Wait { .. }) => "wait",
             Some(Kind::Future(_)) => "future",
+            Some(Kind::Call(_)) => "call",
+            Some(Kind::Discard) => "discard",
             None => "fired",
         };
         f.debug_tuple("Completion").field(&kind).finish()
@@ -127,6 +145,8 @@ impl Kind {
             Kind::Callback(handler) => handler.handle_packet(result),
             Kind::Wait { shared, index } => shared.fire(index, result),
             Kind::Future(shared) => shared.fire(result),
+            Kind::Call(slot) => slot.fire(result),
+            Kind::Discard => {}
         }
     }
 }
@@ -421,6 +441,75 @@ impl Drop for WaitObject {
                 handle.cancel();
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One blocking call
+
+/// The slot one blocking [`call`](crate::ConnectionManager::call) waits on.
+/// A thread keeps its slot between calls (when nothing else holds it any
+/// more), so a call allocates nothing for its wait.
+pub(crate) struct CallSlot {
+    result: Mutex<Option<Result<Packet, Error>>>,
+    ready: Condvar,
+}
+
+#[cfg(not(loom))]
+thread_local! {
+    static CALL_SLOT: std::cell::RefCell<Option<Arc<CallSlot>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl CallSlot {
+    fn fire(&self, result: Result<Packet, Error>) {
+        *self.result.lock() = Some(result);
+        self.ready.notify_one();
+    }
+}
+
+/// The waiting end of a blocking call.
+pub(crate) struct CallWait {
+    slot: Arc<CallSlot>,
+}
+
+impl CallWait {
+    /// A waiting end and the completion that ends its wait.
+    pub(crate) fn new() -> (CallWait, Completion) {
+        #[cfg(not(loom))]
+        let cached = CALL_SLOT.with(|cell| cell.borrow_mut().take());
+        #[cfg(loom)]
+        let cached = None;
+        let slot = cached.unwrap_or_else(|| {
+            Arc::new(CallSlot {
+                result: Mutex::new(None),
+                ready: Condvar::new(),
+            })
+        });
+        let completion = Completion {
+            kind: Some(Kind::Call(slot.clone())),
+        };
+        (CallWait { slot }, completion)
+    }
+
+    /// Blocks until the outcome arrives (it always does: see [`Completion`]).
+    pub(crate) fn wait(self) -> Result<Packet, Error> {
+        let result = {
+            let mut result = self.slot.result.lock();
+            loop {
+                if let Some(outcome) = result.take() {
+                    break outcome;
+                }
+                result = self.slot.ready.wait(result);
+            }
+        };
+        // Kept for this thread's next call only if the completion is gone
+        // (it may still be dropping its reference after firing).
+        #[cfg(not(loom))]
+        if Arc::strong_count(&self.slot) == 1 {
+            CALL_SLOT.with(|cell| *cell.borrow_mut() = Some(self.slot));
+        }
+        result
     }
 }
 

@@ -42,16 +42,17 @@ const BAD_FRAMES: usize = 6;
 const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
-const REFUSED: usize = 10;
-const OVER_LIMIT: usize = 11;
-const ACCEPT_ERRORS: usize = 12;
-const FIRST_FRAME_TIMEOUTS: usize = 13;
-const HANDSHAKE_FAILURES: usize = 14;
-const STATUS_REFUSED: usize = 15;
-const POLL_WAKEUPS: usize = 16;
-const MEMORY: usize = 17;
-const BUDGET_HOLDS: usize = 18;
-const IN_FLIGHT_HOLDS: usize = 19;
+const POST_REPLIES: usize = 10;
+const REFUSED: usize = 11;
+const OVER_LIMIT: usize = 12;
+const ACCEPT_ERRORS: usize = 13;
+const FIRST_FRAME_TIMEOUTS: usize = 14;
+const HANDSHAKE_FAILURES: usize = 15;
+const STATUS_REFUSED: usize = 16;
+const POLL_WAKEUPS: usize = 17;
+const MEMORY: usize = 18;
+const BUDGET_HOLDS: usize = 19;
+const IN_FLIGHT_HOLDS: usize = 20;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -62,7 +63,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<20>,
+    io: Line<21>,
     callers: Line<5>,
 }
 
@@ -99,6 +100,11 @@ impl Stats {
     }
     pub(crate) fn early_failure(&self) {
         self.io.add(EARLY_FAILURES, 1);
+    }
+    pub(crate) fn post_replies(&self, n: usize) {
+        if n > 0 {
+            self.io.add(POST_REPLIES, n as u64);
+        }
     }
     pub(crate) fn refused(&self) {
         self.io.add(REFUSED, 1);
@@ -171,6 +177,7 @@ impl Stats {
             half_closes: self.io.get(HALF_CLOSES),
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
+            post_replies: self.io.get(POST_REPLIES),
             refused: self.io.get(REFUSED),
             over_limit: self.io.get(OVER_LIMIT),
             accept_errors: self.io.get(ACCEPT_ERRORS),
@@ -228,6 +235,10 @@ pub struct StatsSnapshot {
     /// connect, or closed before their first response and within the
     /// health grace): each made the next reconnect wait longer.
     pub early_failures: u64,
+    /// Replies to one-way messages sent with
+    /// [`ConnectionManager::post`](crate::ConnectionManager::post): matched
+    /// to their channel id, then discarded.
+    pub post_replies: u64,
     /// Connections refused at accept because the peer is not on the
     /// listener's allow-list.
     pub refused: u64,
