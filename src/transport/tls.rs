@@ -78,7 +78,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 /// let tls = TlsServerConfig::from_pem_files("server.pem", "server.key", Some("clients-ca.pem".as_ref()))?;
 /// let transport = Transport::builder().start()?;
 /// let echo = |req: Packet, resp: Responder| { let _ = resp.reply(req.reply(req.body().clone())); };
-/// transport.listen_with_options("127.0.0.1:0".parse().unwrap(), echo, ListenOptions::new().tls(tls))?;
+/// transport.listen_with_options("127.0.0.1:0", echo, ListenOptions::new().tls(tls))?;
 /// # Ok::<(), tbnet::Error>(())
 /// ```
 #[derive(Clone)]
