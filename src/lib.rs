@@ -391,13 +391,16 @@
 #![warn(missing_docs, rust_2018_idioms)]
 
 mod client;
+pub mod codec;
 mod completion;
 mod error;
 mod message;
+pub mod metrics;
 mod packet;
 pub mod proto;
 mod router;
 mod server;
+pub mod service;
 mod status;
 mod sync;
 mod transport;
@@ -415,6 +418,7 @@ pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
 pub use server::{Dispatch, Responder, ServerAdaptor};
+pub use service::{ErrorReply, ERROR_BAD_RESPONSE};
 pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
 
 /// tbnet's name for [`ServerAdaptor`].

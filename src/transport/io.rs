@@ -728,6 +728,7 @@ fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
     let context = SniffContext {
         stats: &stats,
         uptime: shared.epoch.elapsed(),
+        metrics: &shared.metrics,
     };
     let first = c.state.first_bytes().map_or(&[][..], |b| &b[..len]);
     match sniffer.sniff(first, &context) {
@@ -815,6 +816,9 @@ impl RequestBatch<'_> {
     }
 
     fn decode_with(&mut self, c: &mut IoConn, service: &Service) -> Result<(), Error> {
+        // When this pass's requests arrived, for their latency: one clock
+        // read per pass, not per request.
+        let received = Instant::now();
         loop {
             // Replies can be far larger than requests: every few requests,
             // gather this pass's replies so the state machine sees whether
@@ -841,7 +845,7 @@ impl RequestBatch<'_> {
                 body_len = packet.body().len(),
                 "request received"
             );
-            let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
+            let reply = ReplyTo::new(c.conn.clone(), &packet, received);
             match service.dispatch {
                 Dispatch::IoThread => {
                     c.state.dispatched(1);

@@ -34,6 +34,7 @@ use crossbeam_queue::SegQueue;
 
 use crate::completion::clamp_wait;
 use crate::error::Error;
+use crate::metrics::ErrorKind;
 use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
 use crate::sync::Mutex;
 
@@ -89,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) streamer: Arc<dyn PacketStreamer>,
     pub(crate) stats: Stats,
+    /// Per packet code requests, errors and latency, both sides.
+    pub(crate) metrics: crate::metrics::Metrics,
     /// When the transport started (the status page's uptime).
     pub(crate) epoch: std::time::Instant,
     pub(crate) timer: TimerTable,
@@ -111,6 +114,7 @@ impl Shared {
             config,
             streamer: builder.streamer,
             stats: Stats::default(),
+            metrics: crate::metrics::Metrics::default(),
             epoch: std::time::Instant::now(),
             lifecycle: Lifecycle::new(),
             commands: SegQueue::new(),
@@ -148,11 +152,22 @@ impl Shared {
     /// for all the callbacks of the batch.
     pub(crate) fn deliver_all(&self, readies: impl Iterator<Item = Ready>) {
         let mut queued = false;
+        // One clock read per batch for every request's latency.
+        let now = std::time::Instant::now();
         for ready in readies {
+            self.record_client(&ready, now);
             queued |= self.deliver_quietly(ready);
         }
         if queued {
             self.workers_take_callbacks();
+        }
+    }
+
+    /// Counts a client request that ended, under its packet code.
+    fn record_client(&self, ready: &Ready, now: std::time::Instant) {
+        if let Some(latency) = ready.elapsed(now) {
+            let error = ready.result().as_ref().err().map(ErrorKind::of);
+            self.metrics.client.record(ready.pcode(), latency, error);
         }
     }
 
@@ -462,6 +477,36 @@ impl Transport {
         let mut snapshot = self.inner.shared.stats.snapshot();
         snapshot.worker_queue = self.inner.shared.workers.queued_requests() as u64;
         snapshot
+    }
+
+    /// Requests, errors by kind and a latency histogram per packet code, for
+    /// the requests this transport's listeners answered (server rows) and
+    /// those its clients sent (client rows); rows with no request yet are
+    /// left out. Server latency runs from the request's frame decoded to its
+    /// reply queued (or the responder dropped); client latency from the
+    /// request queued to its outcome (response, error reply, timeout,
+    /// disconnect, cancel or shutdown). Recording allocates nothing and
+    /// takes no lock; see [`metrics`](crate::metrics).
+    ///
+    /// # Examples
+    /// ```
+    /// use tbnet::metrics::Side;
+    /// use tbnet::{ConnectionManager, Packet, PacketCode, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+    ///     let _ = resp.reply(req.reply("ok"));
+    /// })?;
+    /// let client = ConnectionManager::new(&transport);
+    /// client.call(addr, Packet::new(9, "hi"), None)?;
+    /// let rows = transport.method_metrics();
+    /// let sent = rows.iter().find(|r| r.side == Side::Client).unwrap();
+    /// assert_eq!((sent.pcode, sent.requests, sent.errors()), (Some(PacketCode(9)), 1, 0));
+    /// assert!(sent.latency.percentile(0.5).is_some());
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn method_metrics(&self) -> Vec<crate::metrics::CodeMetrics> {
+        self.inner.shared.metrics.snapshot()
     }
 
     /// Stops the transport: stops accepting, fails every pending request with
