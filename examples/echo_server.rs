@@ -6,7 +6,8 @@
 //!
 //! `--workers N` handles requests on N worker threads; `--workers 0` (the
 //! default) handles them on the IO thread. `--status` also answers
-//! `curl http://ADDR/status` (JSON) and `/metrics` (Prometheus) on the same
+//! `curl http://ADDR/status` (JSON), `/metrics` (Prometheus) and `/` (a live
+//! dashboard for a browser) on the same
 //! port. `-v` logs each request's life at debug level. Prints
 //! `listening on ADDR` once ready and serves until killed.
 
@@ -26,7 +27,7 @@ struct Args {
     /// Worker threads that handle requests; 0 handles them on the IO thread.
     #[arg(long, default_value_t = 0)]
     workers: usize,
-    /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
+    /// Also answer HTTP `GET /` (dashboard), `/status` (JSON) and `/metrics` (Prometheus) on the same port.
     #[arg(long)]
     status: bool,
     /// Log each request's life at debug level (to stderr).

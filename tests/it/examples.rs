@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use crate::faults::{example_binary, spawn_echo_server, spawn_listening};
+#[cfg(feature = "serde")]
+use crate::faults::spawn_listening;
+use crate::faults::{example_binary, spawn_echo_server};
 
 /// Runs `echo_client` with `args` and returns its JSON line's fields.
 fn run_client(args: &[&str]) -> Vec<(String, String)> {
@@ -76,6 +78,7 @@ fn echo_client_against_an_echo_server_process() {
     }
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn kv_client_with_its_embedded_server() {
     let output = Command::new(example_binary("kv_client"))
@@ -92,6 +95,7 @@ fn kv_client_with_its_embedded_server() {
     assert!(stdout.lines().last() == Some("ok"), "{stdout}");
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn kv_client_against_a_kv_server_process() {
     let (mut server, addr) =
