@@ -43,7 +43,7 @@ if [ -z "$addr" ]; then
     exit 1
 fi
 
-"$examples/echo_client" --addr "$addr" --conns 2 --depth 4 --size 64 --secs 1 >/dev/null
+"$examples/echo_client" --addr "$addr" --conns 2 --depth 4 --size 64 --secs 1 >/dev/null 2>&1
 
 chrome() {
     timeout 120 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
@@ -66,9 +66,9 @@ echo "browser test: the dashboard rendered the per-code row ($(grep -Eo "$row" "
 
 if [ -n "${SCREENSHOT:-}" ]; then
     # Traffic while the page polls, so the chart has something to draw.
-    "$examples/echo_client" --addr "$addr" --conns 4 --depth 8 --size 64 --secs 8 >/dev/null &
+    "$examples/echo_client" --addr "$addr" --conns 4 --depth 8 --size 64 --secs 25 >/dev/null 2>&1 &
     load=$!
-    chrome --virtual-time-budget=7000 --window-size=1200,900 --screenshot="$PWD/$SCREENSHOT" "http://$addr/"
+    chrome --virtual-time-budget=20000 --window-size=1200,900 --screenshot="$PWD/$SCREENSHOT" "http://$addr/"
     wait "$load"
     echo "browser test: screenshot in $SCREENSHOT"
 fi

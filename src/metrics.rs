@@ -329,6 +329,23 @@ impl Histogram {
         Some(Duration::from_micros(bucket_bounds(FINITE_BUCKETS - 1).1))
     }
 
+    /// The buckets that hold latencies: `(lower, upper, count)`, each
+    /// counting latencies `lower <= t < upper`, in order. The last bucket,
+    /// for latencies of 2^27 µs (about 134 s) and more, has no upper bound.
+    pub fn buckets(&self) -> impl Iterator<Item = (Duration, Option<Duration>, u64)> + '_ {
+        (self.buckets.iter().enumerate())
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| {
+                if i == FINITE_BUCKETS {
+                    let lower = bucket_bounds(i - 1).1;
+                    return (Duration::from_micros(lower), None, n);
+                }
+                let (lower, upper) = bucket_bounds(i);
+                let upper = Some(Duration::from_micros(upper));
+                (Duration::from_micros(lower), upper, n)
+            })
+    }
+
     /// Cumulative counts at power-of-two bounds: `(le, count of latencies
     /// below le)` for le = 1 µs, 2 µs, ... 2^27 µs, as Prometheus' `le`
     /// buckets (the `+Inf` bucket is [`count`](Self::count)).
@@ -416,6 +433,9 @@ mod tests {
             let got = row.latency.percentile(q).unwrap().as_secs_f64() * 1e6;
             assert!((got - exact).abs() / exact < 0.19, "p{q}: {got} vs {exact}");
         }
+        let buckets: Vec<_> = row.latency.buckets().collect();
+        assert_eq!(buckets.iter().map(|b| b.2).sum::<u64>(), 1000);
+        assert_eq!(buckets[0], (Duration::from_micros(1), Some(Duration::from_micros(2)), 1));
         let cumulative: Vec<_> = row.latency.cumulative().collect();
         assert_eq!(cumulative[0], (Duration::from_micros(1), 0));
         assert_eq!(cumulative[10], (Duration::from_micros(1024), 1000));

@@ -344,7 +344,16 @@ fn status_json(stats: &StatsSnapshot, uptime: Duration, methods: &[CodeMetrics])
             let _ = write!(out, ",\"{name}\":{micros:.1}");
         }
         let mean = row.latency.sum().as_secs_f64() * 1e6 / row.requests.max(1) as f64;
-        let _ = write!(out, ",\"mean_us\":{mean:.1}}}");
+        let _ = write!(out, ",\"mean_us\":{mean:.1},\"buckets\":[");
+        // Non-empty buckets as [lower_us, upper_us, count], so a reader can
+        // take percentiles over an interval from two snapshots' difference.
+        for (i, (lower, upper, count)) in row.latency.buckets().enumerate() {
+            let lower = lower.as_micros();
+            let upper = upper.map_or(lower * 2, |u| u.as_micros());
+            let comma = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{comma}[{lower},{upper},{count}]");
+        }
+        out.push_str("]}");
     }
     out.push_str("]}\n");
     out
