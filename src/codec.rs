@@ -1,5 +1,5 @@
 //! Body codecs: how a request or response value becomes a packet body and
-//! back, for [`service!`](crate::service) declarations and by hand.
+//! back, for [`service!`](macro@crate::service) declarations and by hand.
 //!
 //! A codec is a marker type implementing [`Codec<T>`] for the values it can
 //! carry; the wire format around the body (tbnet's 16-byte header) never

@@ -1,4 +1,4 @@
-//! Declared services: one [`service!`](crate::service) declaration names
+//! Declared services: one [`service!`](macro@crate::service) declaration names
 //! each method's packet code, request and response types, and generates a
 //! typed client and a server trait.
 //!
@@ -7,7 +7,7 @@
 //! code, its response under the same code, the body in the service's
 //! [`Codec`]. The error-reply convention is kept: an unknown code is
 //! answered with [`ERROR_UNKNOWN_PCODE`](crate::ERROR_UNKNOWN_PCODE), a body
-//! that does not decode with [`ERROR_BAD_REQUEST`](crate::ERROR_BAD_REQUEST),
+//! that does not decode with [`ERROR_BAD_REQUEST`],
 //! a response that does not encode with [`ERROR_BAD_RESPONSE`], and a
 //! handler's [`ErrorReply`] with its own code; the client sees each as
 //! [`Error::Remote`].
@@ -77,7 +77,7 @@ impl fmt::Display for ErrorReply {
 impl std::error::Error for ErrorReply {}
 
 /// Routes packet code `code` to `handler`, decoding requests and encoding
-/// responses with `C` (what [`service!`](crate::service)'s `into_router`
+/// responses with `C` (what [`service!`](macro@crate::service)'s `into_router`
 /// does for each method).
 pub fn route<C, Req, Resp, F>(router: Router, code: i32, handler: F) -> Router
 where
