@@ -54,8 +54,12 @@ struct Tally {
 
 /// Runs the load: `connect` opens one connection's client, `call` sends one
 /// body on it and returns the answer. Prints the JSON line.
-pub async fn drive<C, Mk, MkFut, Call, CallFut>(stack: &str, args: &ClientArgs, connect: Mk, call: Call)
-where
+pub async fn drive<C, Mk, MkFut, Call, CallFut>(
+    stack: &str,
+    args: &ClientArgs,
+    connect: Mk,
+    call: Call,
+) where
     C: Clone + Send + 'static,
     Mk: Fn(SocketAddr) -> MkFut,
     MkFut: Future<Output = Result<C, String>>,
@@ -114,7 +118,10 @@ where
         total.ok += tally.ok;
         total.errors += tally.errors;
         total.mismatches += tally.mismatches;
-        total.latency_us.add(&tally.latency_us).expect("same bounds");
+        total
+            .latency_us
+            .add(&tally.latency_us)
+            .expect("same bounds");
     }
     let secs = start.elapsed().as_secs_f64();
     println!(

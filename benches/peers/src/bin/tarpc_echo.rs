@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
-use futures::{future, StreamExt};
+use futures::StreamExt;
 use tarpc::server::{self, Channel};
 use tarpc::{client, context, tokio_serde::formats::Bincode};
 use tbnet_peers::{drive, ClientArgs, ServerArgs};
@@ -92,5 +92,4 @@ async fn main() {
             .await;
         }
     }
-    let _ = future::ready(());
 }

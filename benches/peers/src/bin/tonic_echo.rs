@@ -5,6 +5,7 @@
 //! tonic-prost-build from proto/echo.proto (compiled by protox).
 
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use tbnet_peers::{drive, ClientArgs, ServerArgs};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -48,10 +49,18 @@ async fn main() {
         Command::Server(args) => {
             let listener = TcpListener::bind(args.addr).await.expect("bind");
             println!("listening on {}", listener.local_addr().expect("address"));
+            // Accepted here rather than by tonic, so TCP_NODELAY is set on
+            // each connection here too (tonic's own setting applies only to
+            // listeners it binds).
+            let incoming = TcpListenerStream::new(listener).map(|stream| {
+                if let Ok(stream) = &stream {
+                    let _ = stream.set_nodelay(true);
+                }
+                stream
+            });
             Server::builder()
-                .tcp_nodelay(true)
                 .add_service(EchoServer::new(EchoService))
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(incoming)
                 .await
                 .expect("serve");
         }
