@@ -417,7 +417,7 @@ pub use message::{
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
-pub use server::{Dispatch, Responder, ServerAdaptor};
+pub use server::{Batch, BatchAdaptor, Dispatch, Responder, ServerAdaptor};
 pub use service::{ErrorReply, ERROR_BAD_RESPONSE};
 pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
 

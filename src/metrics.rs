@@ -435,7 +435,10 @@ mod tests {
         }
         let buckets: Vec<_> = row.latency.buckets().collect();
         assert_eq!(buckets.iter().map(|b| b.2).sum::<u64>(), 1000);
-        assert_eq!(buckets[0], (Duration::from_micros(1), Some(Duration::from_micros(2)), 1));
+        assert_eq!(
+            buckets[0],
+            (Duration::from_micros(1), Some(Duration::from_micros(2)), 1)
+        );
         let cumulative: Vec<_> = row.latency.cumulative().collect();
         assert_eq!(cumulative[0], (Duration::from_micros(1), 0));
         assert_eq!(cumulative[10], (Duration::from_micros(1024), 1000));

@@ -151,14 +151,21 @@ impl Shared {
     /// unless the builder asked for them inline. The workers are woken once
     /// for all the callbacks of the batch.
     pub(crate) fn deliver_all(&self, readies: impl Iterator<Item = Ready>) {
-        let mut queued = false;
+        // The callbacks for the workers go as one batch: one queue
+        // operation, and a vector from the pool (no allocation).
+        let mut batch: Option<Vec<Ready>> = None;
         // One clock read per batch for every request's latency.
         let now = std::time::Instant::now();
         for ready in readies {
             self.record_client(&ready, now);
-            queued |= self.deliver_quietly(ready);
+            if let Some(ready) = self.fire_here(ready) {
+                batch
+                    .get_or_insert_with(|| self.workers.spare_callbacks())
+                    .push(ready);
+            }
         }
-        if queued {
+        if let Some(batch) = batch {
+            self.workers.push_callbacks(batch);
             self.workers_take_callbacks();
         }
     }
@@ -171,20 +178,19 @@ impl Shared {
         }
     }
 
-    /// Fires `ready`, or queues its callback for the workers without waking
-    /// them (true then: the caller wakes them).
-    fn deliver_quietly(&self, ready: Ready) -> bool {
+    /// Fires `ready` on this thread if it wakes a waiter or its callback
+    /// runs inline; otherwise hands it back for the workers.
+    fn fire_here(&self, ready: Ready) -> Option<Ready> {
         if !ready.is_callback() {
             ready.fire();
-            return false;
+            return None;
         }
         let inline = self.config.callbacks == Dispatch::IoThread && role::is(role::IO, self);
         if inline || self.lifecycle.is_stopped() {
             workers::run_callback(ready);
-            return false;
+            return None;
         }
-        self.workers.push_callback(ready);
-        true
+        Some(ready)
     }
 
     /// Callbacks were queued: wakes a worker, or runs them here if the
@@ -316,7 +322,8 @@ impl TransportBuilder {
     /// runs, every connection of the transport waits, and a blocking
     /// [`call`](crate::ConnectionManager::call) made from it can only end by
     /// its timeout. It may send further requests with `send` or
-    /// `call_async`.
+    /// `call_async`. [`Dispatch::Ordered`] means [`Dispatch::Workers`]
+    /// here: callbacks may run in parallel.
     pub fn callbacks(mut self, dispatch: Dispatch) -> Self {
         self.config.callbacks = dispatch;
         self

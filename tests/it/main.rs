@@ -12,6 +12,7 @@ mod half_close;
 mod handles;
 mod hostile;
 mod metrics;
+mod ordered;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
