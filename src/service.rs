@@ -310,7 +310,9 @@ impl<T> Future for TypedFuture<T> {
 ///
 /// Names inside resolve as in the module around the declaration (the
 /// generated module imports it with `use super::*`). Each method's docs are
-/// carried over to both the trait method and the client method.
+/// carried over to both the trait method and the client method. Method
+/// names must not be `new`, `server`, `manager` or `into_router` (the
+/// generated items' own names).
 ///
 /// In the generated module `NAME`:
 /// - `trait Service`: one `fn METHOD(&self, request: REQUEST) ->

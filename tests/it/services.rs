@@ -363,3 +363,77 @@ mod protobuf_bodies {
         stop(&server);
     }
 }
+
+/// A codec that refuses to encode odd numbers: exercises both sides'
+/// encode failures.
+struct EvenOnly;
+
+impl tbnet::codec::Codec<u32> for EvenOnly {
+    fn encode(value: &u32, dst: &mut bytes::BytesMut) -> Result<(), tbnet::codec::EncodeError> {
+        if value % 2 == 1 {
+            return Err(tbnet::codec::EncodeError::new("odd"));
+        }
+        dst.extend_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
+    fn decode(src: Bytes) -> Result<u32, tbnet::DecodeError> {
+        let bytes: [u8; 4] = (src.as_ref())
+            .try_into()
+            .map_err(|_| tbnet::DecodeError::new("not 4 bytes"))?;
+        Ok(u32::from_be_bytes(bytes))
+    }
+}
+
+service! {
+    pub service numbers {
+        codec = EvenOnly;
+        /// Adds one (so an even request gets an odd, unencodable, answer).
+        rpc succ(u32) -> u32 = 40;
+        /// Adds two.
+        rpc add_two(u32) -> u32 = 41;
+    }
+}
+
+struct Numbers;
+
+impl numbers::Service for Numbers {
+    fn succ(&self, n: u32) -> Result<u32, ErrorReply> {
+        Ok(n + 1)
+    }
+
+    fn add_two(&self, n: u32) -> Result<u32, ErrorReply> {
+        Ok(n + 2)
+    }
+}
+
+#[test]
+fn values_that_do_not_encode_fail_their_own_request_only() {
+    let server = transport();
+    let addr = server
+        .listen(loopback(), numbers::Service::into_router(Numbers))
+        .unwrap();
+    let client_transport = transport();
+    let manager = ConnectionManager::new(&client_transport);
+    let client = numbers::Client::new(&manager, addr);
+
+    // The request does not encode: an error at once, nothing sent.
+    assert!(matches!(
+        client.add_two(&3).wait(),
+        Err(Error::BadMessage { pcode: 41, .. })
+    ));
+    assert!(matches!(
+        client.add_two(&3).then(|_| panic!("must not run")),
+        Err(Error::BadMessage { .. })
+    ));
+    // The response does not encode: an error reply with its own code.
+    let answer = client.succ(&2).wait();
+    assert!(
+        matches!(answer, Err(Error::Remote { code, .. }) if code == tbnet::ERROR_BAD_RESPONSE),
+        "{answer:?}"
+    );
+    assert_eq!(client.add_two(&4).wait().unwrap(), 6);
+    assert_eq!(client_transport.stats().packets_out, 2, "two requests sent");
+    stop(&client_transport);
+    stop(&server);
+}
