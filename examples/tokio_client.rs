@@ -90,7 +90,8 @@ async fn main() -> ExitCode {
                         let _ = responder.reply(request.reply(request.body().clone()));
                     },
                 );
-                let addr = server.listen("127.0.0.1:0".parse().expect("address"), router)?;
+                let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+                let addr = server.listen(any, router)?;
                 Ok((server, addr))
             });
             match started {

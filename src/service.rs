@@ -362,7 +362,7 @@ impl<T> Future for TypedFuture<T> {
 ///
 /// # fn main() -> Result<(), Error> {
 /// let server = Transport::builder().start()?;
-/// let addr = server.listen("127.0.0.1:0".parse().unwrap(), echo::Service::into_router(Echo))?;
+/// let addr = server.listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap(), echo::Service::into_router(Echo))?;
 ///
 /// let transport = Transport::builder().start()?;
 /// let client = echo::Client::new(Arc::new(ConnectionManager::new(&transport)), addr);

@@ -440,7 +440,7 @@ impl TransportBuilder {
 /// use tbnet::{ConnectionManager, Packet, Responder, Transport};
 ///
 /// let transport = Transport::builder().start()?;
-/// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+/// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
 ///     let _ = resp.reply(req.reply(req.body().clone()));
 /// })?;
 /// let client = ConnectionManager::new(&transport);
@@ -501,7 +501,7 @@ impl Transport {
     /// use tbnet::{ConnectionManager, Packet, PacketCode, Responder, Transport};
     ///
     /// let transport = Transport::builder().start()?;
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+    /// let addr = transport.listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap(), |req: Packet, resp: Responder| {
     ///     let _ = resp.reply(req.reply("ok"));
     /// })?;
     /// let client = ConnectionManager::new(&transport);

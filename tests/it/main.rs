@@ -5,14 +5,18 @@
 
 mod client;
 mod concurrency;
+mod data_buffer;
 mod exactly_once;
 mod examples;
 mod faults;
 mod half_close;
 mod handles;
 mod hostile;
+mod manager_control;
 mod metrics;
 mod ordered;
+mod post;
+mod queue_wait;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
@@ -20,6 +24,7 @@ mod server;
 mod services;
 mod shutdown;
 mod soak;
+mod spec;
 mod status;
 mod support;
 mod typed;
