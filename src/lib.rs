@@ -414,8 +414,11 @@ pub use message::{
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
-pub use server::{Dispatch, Responder, ServerAdaptor};
-pub use transport::{StatsSnapshot, Transport, TransportBuilder, DEFAULT_MAX_OUTBOUND};
+pub use server::{Dispatch, ListenOptions, Responder, ServerAdaptor};
+pub use transport::{
+    CloseReason, ConnectionEvent, ConnectionEvents, ConnectionHandle, StatsSnapshot, Transport,
+    TransportBuilder, DEFAULT_MAX_OUTBOUND,
+};
 
 /// tbnet's name for [`ServerAdaptor`].
 pub use server::ServerAdaptor as IServerAdaptor;

@@ -153,6 +153,12 @@ impl FrameDecoder {
         *self = Self::with_read_chunk(self.read_chunk);
     }
 
+    /// Keeps `error`: the decoder stays failed.
+    fn fail(&mut self, error: FrameError) -> FrameError {
+        self.failed = Some(error.clone());
+        error
+    }
+
     /// Returns the next whole packet, `None` if more bytes are needed.
     ///
     /// # Errors
@@ -172,15 +178,29 @@ impl FrameDecoder {
         let header = match streamer.parse(&self.buf[..self.filled]) {
             Ok(Parse::Frame(header)) => header,
             Ok(Parse::Incomplete { needed }) => {
+                let max = streamer.max_frame_len();
+                if self.filled >= max {
+                    // A framing that keeps asking for more (no end of header
+                    // in sight) cannot grow the buffer past its limit.
+                    return Err(self.fail(FrameError::TooLarge {
+                        len: self.filled as u64,
+                        max,
+                    }));
+                }
                 self.needed = needed.max(self.filled + 1);
                 return Ok(None);
             }
-            Err(e) => {
-                self.failed = Some(e.clone());
-                return Err(e);
+            Err(e) => return Err(self.fail(e)),
+        };
+        let frame_len = match header.header_len.checked_add(header.body_len) {
+            Some(len) if len <= streamer.max_frame_len() => len,
+            _ => {
+                return Err(self.fail(FrameError::TooLarge {
+                    len: (header.header_len as u64).saturating_add(header.body_len as u64),
+                    max: streamer.max_frame_len(),
+                }))
             }
         };
-        let frame_len = header.header_len + header.body_len;
         if self.filled < frame_len {
             self.needed = frame_len;
             return Ok(None);

@@ -1,6 +1,8 @@
 //! tbnet's frame: a 16-byte big-endian header, then the body (`WIRE.md`).
 
+use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
 use bytes::{BufMut, BytesMut};
@@ -30,13 +32,17 @@ pub enum FrameError {
     },
     /// The header announced a negative body length.
     NegativeLength(i32),
-    /// The header announced a body longer than the configured maximum.
+    /// The header announced a body longer than the configured maximum (or a
+    /// custom framing's frame grew past its
+    /// [`max_frame_len`](PacketStreamer::max_frame_len) before it was whole).
     TooLarge {
         /// The announced body length.
         len: u64,
         /// The configured maximum.
         max: usize,
     },
+    /// A custom framing could not make sense of the bytes.
+    Malformed(&'static str),
 }
 
 impl fmt::Display for FrameError {
@@ -49,6 +55,7 @@ impl fmt::Display for FrameError {
             FrameError::TooLarge { len, max } => {
                 write!(f, "body length {len} exceeds the maximum of {max}")
             }
+            FrameError::Malformed(reason) => f.write_str(reason),
         }
     }
 }
@@ -88,6 +95,31 @@ pub struct FrameHeader {
 /// without copying, and memory limits live in
 /// [`FrameDecoder`](crate::proto::FrameDecoder) and
 /// [`WriteQueue`](crate::proto::WriteQueue), so every streamer gets them.
+///
+/// # Framings without a header
+/// tbnet's `existPacketHeader = false` (an HTTP or line protocol) is a
+/// streamer whose [`parse`](Self::parse) returns `header_len: 0` and the
+/// whole message as the body, with a packet code and a non-zero channel id
+/// of its choosing (id 0 would make the request one-way), and whose
+/// [`encode_header`](Self::encode_header) writes nothing: a reply's body
+/// goes on the wire as it is. Such a framing carries no channel ids, so it
+/// suits a server (its replies leave in the order they are made: use
+/// [`Dispatch::IoThread`](crate::Dispatch::IoThread) for one request at a
+/// time per connection, or answer in order); a client matches responses by
+/// the id `parse` returns.
+///
+/// # Limits
+/// A frame never grows past [`max_frame_len`](Self::max_frame_len): bytes
+/// that are still [`Parse::Incomplete`] beyond it, or a header announcing a
+/// longer frame, close the connection ([`FrameError::TooLarge`]), whatever
+/// `parse` does.
+///
+/// Transports use one streamer for every connection
+/// ([`TransportBuilder::streamer`](crate::TransportBuilder::streamer)); a
+/// listener ([`ListenOptions::streamer`](crate::ListenOptions::streamer)) or
+/// a manager
+/// ([`ConnectionManager::with_streamer`](crate::ConnectionManager::with_streamer))
+/// may choose another for its own connections.
 pub trait PacketStreamer: Send + Sync + 'static {
     /// Reads the header at the start of `src` (which may hold a partial
     /// frame, or several frames). It must validate the header, including the
@@ -108,6 +140,13 @@ pub trait PacketStreamer: Send + Sync + 'static {
     /// a frame on the wire that the peer would close the connection over.
     fn max_body_len(&self) -> usize {
         i32::MAX as usize
+    }
+
+    /// The longest whole frame, header included (default
+    /// [`max_body_len`](Self::max_body_len) plus [`HEADER_LEN`]). The
+    /// decoder closes a connection whose frame would exceed it.
+    fn max_frame_len(&self) -> usize {
+        self.max_body_len().saturating_add(HEADER_LEN)
     }
 
     /// Appends the whole frame for `packet`: header, then body.
@@ -225,6 +264,79 @@ impl PacketStreamer for DefaultStreamer {
         dst.put_u32(packet.channel_id().get());
         dst.put_i32(packet.pcode().get());
         dst.put_i32(len);
+    }
+}
+
+/// A connection's streamer: tbnet's, called directly, or a custom one behind
+/// a dynamic call.
+///
+/// The enum keeps the default path free of an indirect call per frame: the
+/// decoder and write queue are generic over the streamer, so with
+/// `Codec` the tbnet arm is inlined and a custom streamer costs one match
+/// and one virtual call.
+#[derive(Clone)]
+pub(crate) enum Codec {
+    Tbnet(DefaultStreamer),
+    Custom(Arc<dyn PacketStreamer>),
+}
+
+impl Codec {
+    /// `streamer` as a codec: tbnet's own streamer is recognised and called
+    /// directly.
+    pub(crate) fn new<S: PacketStreamer>(streamer: S) -> Self {
+        match (&streamer as &dyn Any).downcast_ref::<DefaultStreamer>() {
+            Some(tbnet) => Codec::Tbnet(*tbnet),
+            None => Codec::Custom(Arc::new(streamer)),
+        }
+    }
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::Tbnet(DefaultStreamer::new())
+    }
+}
+
+impl fmt::Debug for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Codec::Tbnet(s) => s.fmt(f),
+            Codec::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+impl PacketStreamer for Codec {
+    #[inline]
+    fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
+        match self {
+            Codec::Tbnet(s) => s.parse(src),
+            Codec::Custom(s) => s.parse(src),
+        }
+    }
+
+    #[inline]
+    fn encode_header(&self, packet: &Packet, dst: &mut BytesMut) {
+        match self {
+            Codec::Tbnet(s) => s.encode_header(packet, dst),
+            Codec::Custom(s) => s.encode_header(packet, dst),
+        }
+    }
+
+    #[inline]
+    fn max_body_len(&self) -> usize {
+        match self {
+            Codec::Tbnet(s) => s.max_body_len,
+            Codec::Custom(s) => s.max_body_len(),
+        }
+    }
+
+    #[inline]
+    fn max_frame_len(&self) -> usize {
+        match self {
+            Codec::Tbnet(s) => s.max_body_len.saturating_add(HEADER_LEN),
+            Codec::Custom(s) => s.max_frame_len(),
+        }
     }
 }
 

@@ -10,8 +10,10 @@ use bytes::Bytes;
 
 use crate::error::SendError;
 use crate::packet::{ChannelId, Packet};
+use crate::proto::Codec;
 
 use super::conn::Conn;
+use super::events::ConnectionEvents;
 use super::stats::StatsSnapshot;
 
 /// Where a listener's requests are handled.
@@ -63,6 +65,10 @@ pub(crate) struct Service {
     pub(crate) handler: Arc<dyn RequestHandler>,
     pub(crate) dispatch: Dispatch,
     pub(crate) sniffer: Option<Arc<dyn Sniffer>>,
+    /// What hears the listener's connections open and close.
+    pub(crate) events: Option<Arc<dyn ConnectionEvents>>,
+    /// The listener's framing, if not the transport's.
+    pub(crate) codec: Option<Codec>,
 }
 
 /// The way back for one request: the transport's half of a responder.

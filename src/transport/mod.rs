@@ -13,6 +13,7 @@
 //! - `wake`: waking the IO thread; `workers`: the worker pool.
 
 mod conn;
+mod events;
 mod handler;
 mod io;
 mod lifecycle;
@@ -34,10 +35,13 @@ use crossbeam_queue::SegQueue;
 
 use crate::completion::clamp_wait;
 use crate::error::Error;
-use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
-use crate::sync::Mutex;
+use crate::proto::{Codec, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
+use crate::sync::{AtomicU64, Mutex, Ordering};
 
 pub(crate) use conn::{Conn, Rejected};
+pub(crate) use events::DefaultHandler;
+use events::EventQueue;
+pub use events::{CloseReason, ConnectionEvent, ConnectionEvents, ConnectionHandle};
 pub use handler::Dispatch;
 pub(crate) use handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed, Sniffer};
 use lifecycle::Lifecycle;
@@ -87,8 +91,13 @@ pub(crate) struct Config {
 /// queue once the threads are gone.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) streamer: Arc<dyn PacketStreamer>,
+    /// The transport's framing; listeners and managers may choose another.
+    pub(crate) codec: Codec,
     pub(crate) stats: Stats,
+    /// Runs connection event hooks on their own thread.
+    pub(crate) events: EventQueue,
+    /// The next connection's id.
+    next_conn_id: AtomicU64,
     /// When the transport started (the status page's uptime).
     pub(crate) epoch: std::time::Instant,
     pub(crate) timer: TimerTable,
@@ -109,8 +118,10 @@ impl Shared {
             timer: TimerTable::new(config.timer_tick),
             workers: WorkQueues::new(config.worker_queue, config.callback_queue),
             config,
-            streamer: builder.streamer,
+            codec: builder.streamer,
             stats: Stats::default(),
+            events: EventQueue::new(),
+            next_conn_id: AtomicU64::new(1),
             epoch: std::time::Instant::now(),
             lifecycle: Lifecycle::new(),
             commands: SegQueue::new(),
@@ -181,6 +192,11 @@ impl Shared {
         }
     }
 
+    /// A new connection's id (unique within the transport).
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         self.lifecycle.is_stopping()
     }
@@ -222,7 +238,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct TransportBuilder {
     config: Config,
-    streamer: Arc<dyn PacketStreamer>,
+    streamer: Codec,
 }
 
 impl fmt::Debug for TransportBuilder {
@@ -253,7 +269,7 @@ impl Default for TransportBuilder {
                 tcp_keepalive: None,
                 status_page: false,
             },
-            streamer: Arc::new(DefaultStreamer::new()),
+            streamer: Codec::default(),
         }
     }
 }
@@ -310,7 +326,7 @@ impl TransportBuilder {
     /// The frame format (default [`DefaultStreamer`]: tbnet's, 64 MiB body
     /// limit).
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
-        self.streamer = Arc::new(streamer);
+        self.streamer = Codec::new(streamer);
         self
     }
 
@@ -521,6 +537,8 @@ impl Inner {
             drop(conn.close(Error::Shutdown));
         }
         let _ = join(threads.timer, "timer");
+        // Every close event was queued by now (the IO thread is gone).
+        shared.events.stop(shared.config.shutdown_grace);
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.lifecycle.workers_exited();
         shared.workers.drop_requests();

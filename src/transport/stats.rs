@@ -38,6 +38,7 @@ const BAD_FRAMES: usize = 6;
 const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
+const UNHANDLED: usize = 10;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -48,7 +49,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<10>,
+    io: Line<11>,
     callers: Line<5>,
 }
 
@@ -107,6 +108,10 @@ impl Stats {
         self.callers.add(UNROUTED, 1);
     }
 
+    pub(crate) fn unhandled(&self) {
+        self.io.add(UNHANDLED, 1);
+    }
+
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             packets_in: self.io.get(PACKETS_IN),
@@ -127,6 +132,7 @@ impl Stats {
             half_closes: self.io.get(HALF_CLOSES),
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
+            unhandled: self.io.get(UNHANDLED),
         }
     }
 }
@@ -174,4 +180,9 @@ pub struct StatsSnapshot {
     /// connect, or closed before their first response and within the
     /// health grace): each made the next reconnect wait longer.
     pub early_failures: u64,
+    /// Packets a server sent a client on its own (one-way, or requests)
+    /// that found no default handler
+    /// ([`ConnectionManager::set_default_handler`](crate::ConnectionManager::set_default_handler)),
+    /// dropped.
+    pub unhandled: u64,
 }

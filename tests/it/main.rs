@@ -5,9 +5,11 @@
 
 mod client;
 mod concurrency;
+mod events;
 mod exactly_once;
 mod examples;
 mod faults;
+mod framing;
 mod half_close;
 mod handles;
 mod hostile;
