@@ -200,6 +200,50 @@
 //! # Ok::<(), tbnet::Error>(())
 //! ```
 //!
+//! # Connection events, server-initiated messages, other framings
+//!
+//! - **Events.** A listener ([`ListenOptions::events`]) or a manager
+//!   ([`ConnectionManager::with_events`]) takes [`ConnectionEvents`] hooks:
+//!   `on_connect`, `on_reconnect` (clients) and `on_close` with a
+//!   [`CloseReason`] (peer closed, reset, idle, bad frame, closed by this
+//!   side, shutdown). They run on `tbnet-events`, in order, exactly once
+//!   each per connection that opened.
+//! - **Handles.** A [`ConnectionHandle`] names one connection (id, peer);
+//!   a server gets it from [`Responder::connection`] or its hooks and may
+//!   [`close`](ConnectionHandle::close) it, [`post`](ConnectionHandle::post)
+//!   one-way packets to the client, or send requests of its own
+//!   ([`call`](ConnectionHandle::call), [`send`](ConnectionHandle::send),
+//!   [`call_async`](ConnectionHandle::call_async)) that end exactly once
+//!   like any request. Their channel ids have bit 31 set; a client's never
+//!   do.
+//! - **Default handler.** A client hands what a server sends on its own to
+//!   [`ConnectionManager::set_default_handler`] (which may reply), or
+//!   counts it in [`StatsSnapshot::unhandled`].
+//! - **Framings.** [`ListenOptions::streamer`] and
+//!   [`ConnectionManager::with_streamer`] replace tbnet's frame for one
+//!   listener or manager, including framings without a header
+//!   (`examples/http_server.rs` serves HTTP/1.1). tbnet's streamer is
+//!   called directly; a custom one costs one virtual call per frame.
+//!
+//! ```
+//! use tbnet::{ConnectionManager, Packet, Responder, Transport};
+//!
+//! let transport = Transport::builder().start()?;
+//! // The server asks the client something before it answers.
+//! let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+//!     let name = resp.connection().call(Packet::new(2, "name?"), None);
+//!     let name = name.map(Packet::into_body).unwrap_or_default();
+//!     let _ = resp.reply(req.reply([&b"hello "[..], &name].concat()));
+//! })?;
+//! let client = ConnectionManager::new(&transport);
+//! client.set_default_handler(|req: Packet, resp: Responder| {
+//!     let _ = resp.reply(req.reply("ada"));
+//! });
+//! assert_eq!(client.call(addr, Packet::new(1, "hi"), None)?.body(), "hello ada");
+//! transport.stop();
+//! # Ok::<(), tbnet::Error>(())
+//! ```
+//!
 //! # Threads
 //!
 //! ```text
@@ -224,6 +268,9 @@
 //!   callbacks (unless [`TransportBuilder::callbacks`] runs them inline).
 //!   Blocking waits and futures are woken from whichever thread ended the
 //!   request (IO or timer).
+//! - `tbnet-events` (started with the first connection event) runs
+//!   [`ConnectionEvents`] hooks, so a slow or panicking hook never holds up
+//!   IO.
 //!
 //! # Layout
 //!
@@ -322,6 +369,10 @@
 //! | `PacketQueueThread`  | the worker pool ([`Dispatch::Workers`]) |
 //! | `ControlPacket` (timeout, bad packet, disconnect) | [`Error`] |
 //! | `HttpPacketStreamer` status pages | [`TransportBuilder::status_page`] |
+//! | `IPacketStreamer` per listener / connection, `existPacketHeader = false` | [`ListenOptions::streamer`], [`ConnectionManager::with_streamer`]; a streamer whose header is empty |
+//! | `IServerAdaptor` connection callbacks, `DisconnPacket`; DSTORE `on_connect`/`on_close` | [`ConnectionEvents`], [`CloseReason`] |
+//! | server-side `Connection` (`postPacket`, `getPeerId`, `close`) | [`ConnectionHandle`] ([`Responder::connection`]) |
+//! | `ConnectionManager::setDefaultPacketHandler` | [`ConnectionManager::set_default_handler`] (only for packets the server sent on its own; late responses are counted, as before) |
 //! | (no equivalent) typed messages and dispatch by `pcode` | [`Message`], [`Router`] |
 //! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |
 //!
@@ -361,7 +412,9 @@
 //! idle timeout and the OS's descriptor limit) and send valid requests as
 //! fast as TCP lets it, which the worker queue turns into back-pressure.
 //!
-//! **What runs where.** Only `tbnet-io` touches sockets. Server adaptors run
+//! **What runs where.** Only `tbnet-io` touches sockets. Connection event
+//! hooks run on `tbnet-events`; a client's default handler runs where its
+//! callbacks do. Server adaptors run
 //! on the workers, or on `tbnet-io` with [`Dispatch::IoThread`] (then they
 //! must not block). Client callbacks run on the workers by default: a slow
 //! callback delays other callbacks, never IO or timeouts. With

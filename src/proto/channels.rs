@@ -552,6 +552,26 @@ mod tests {
     }
 
     #[test]
+    fn bit_31_tells_a_servers_ids_from_a_clients_in_every_generation() {
+        for capacity in [1, 256, MAX_PENDING] {
+            let mut client = ChannelPool::new(capacity);
+            let mut server = ChannelPool::with_high_bit(capacity);
+            let t0 = Instant::now();
+            // Past the generation counter's wrap for the largest capacity.
+            for _ in 0..5000 {
+                let fired = Arc::new(AtomicUsize::new(0));
+                let id = client.allocate(counting(&fired), t0).unwrap();
+                assert_eq!(id.get() >> 31, 0, "client id {id}");
+                client.cancel(id).unwrap().fire();
+                let id = server.allocate(counting(&fired), t0).unwrap();
+                assert_eq!(id.get() >> 31, 1, "server id {id}");
+                assert!(server.contains(id));
+                server.cancel(id).unwrap().fire();
+            }
+        }
+    }
+
+    #[test]
     fn fail_all_advances_generations() {
         let mut pool = ChannelPool::new(4);
         let t0 = Instant::now();

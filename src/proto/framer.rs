@@ -359,6 +359,67 @@ mod tests {
         assert_eq!(d.next_packet(&s).unwrap().unwrap().body(), "ok");
     }
 
+    /// A framing without a header that never finds its frame's end, and
+    /// one whose header announces more than its limit.
+    struct Endless {
+        announce: Option<usize>,
+    }
+
+    impl PacketStreamer for Endless {
+        fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
+            match self.announce {
+                None => Ok(Parse::Incomplete {
+                    needed: src.len() + 1,
+                }),
+                Some(body_len) => Ok(Parse::Frame(crate::proto::FrameHeader {
+                    pcode: crate::PacketCode(0),
+                    channel_id: ChannelId(1),
+                    header_len: 0,
+                    body_len,
+                })),
+            }
+        }
+
+        fn encode_header(&self, _packet: &Packet, _dst: &mut BytesMut) {}
+
+        fn max_frame_len(&self) -> usize {
+            100
+        }
+    }
+
+    #[test]
+    fn a_frame_that_never_ends_fails_at_the_framings_limit() {
+        let s = Endless { announce: None };
+        let mut d = FrameDecoder::new();
+        d.extend_from_slice(&[b'x'; 99]);
+        assert_eq!(d.next_packet(&s), Ok(None));
+        d.extend_from_slice(b"x");
+        assert_eq!(
+            d.next_packet(&s),
+            Err(FrameError::TooLarge { len: 100, max: 100 })
+        );
+        assert!(d.next_packet(&s).is_err(), "the error is sticky");
+    }
+
+    #[test]
+    fn a_framing_announcing_more_than_its_limit_fails_at_once() {
+        for announce in [101, usize::MAX] {
+            let s = Endless {
+                announce: Some(announce),
+            };
+            let mut d = FrameDecoder::new();
+            d.extend_from_slice(b"x");
+            assert!(matches!(
+                d.next_packet(&s),
+                Err(FrameError::TooLarge { max: 100, .. })
+            ));
+        }
+        let s = Endless { announce: Some(3) };
+        let mut d = FrameDecoder::new();
+        d.extend_from_slice(b"abcd");
+        assert_eq!(d.next_packet(&s).unwrap().unwrap().body(), "abc");
+    }
+
     #[test]
     fn reads_large_frames_in_bounded_steps() {
         let wire = encode_all(&[Packet::new(9, vec![3u8; 1 << 20])]);

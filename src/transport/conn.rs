@@ -562,9 +562,13 @@ impl Conn {
     }
 
     /// A packet the server sent on its own: queued for the default handler
-    /// (with a way to reply, on the same thread as callbacks), or counted.
+    /// (with a way to reply, on the same thread as callbacks), or counted
+    /// as unhandled (no handler, or the callback queue is full).
     fn unsolicited(self: &Arc<Self>, packet: Packet, into: &mut Vec<Ready>) {
         let handler = self.default_handler.as_ref().and_then(|h| h.lock().clone());
+        // A server flooding the client cannot grow its callback queue
+        // past the limit that bounds its own callbacks.
+        let handler = handler.filter(|_| !self.shared.workers.callbacks_full());
         let Some(handler) = handler else {
             self.shared.stats.unhandled();
             tracing::debug!(peer = %self.peer, channel_id = %packet.channel_id(), pcode = %packet.pcode(), "packet from the server matching no request, and no default handler");

@@ -323,7 +323,7 @@ impl TransportBuilder {
         self
     }
 
-    /// The frame format (default [`DefaultStreamer`]: tbnet's, 64 MiB body
+    /// The frame format (default [`DefaultStreamer`](crate::proto::DefaultStreamer): tbnet's, 64 MiB body
     /// limit).
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
         self.streamer = Codec::new(streamer);

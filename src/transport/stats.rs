@@ -183,6 +183,6 @@ pub struct StatsSnapshot {
     /// Packets a server sent a client on its own (one-way, or requests)
     /// that found no default handler
     /// ([`ConnectionManager::set_default_handler`](crate::ConnectionManager::set_default_handler)),
-    /// dropped.
+    /// or found the callback queue full, and were dropped.
     pub unhandled: u64,
 }
