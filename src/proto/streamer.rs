@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -122,7 +123,8 @@ pub struct FrameHeader {
 /// may choose another for its own connections.
 pub trait PacketStreamer: Send + Sync + 'static {
     /// Reads the header at the start of `src` (which may hold a partial
-    /// frame, or several frames). It must validate the header, including the
+    /// frame, or several frames). A panic here closes only the connection
+    /// the bytes came from. It must validate the header, including the
     /// body length against its maximum, before returning
     /// [`Parse::Frame`].
     ///
@@ -311,7 +313,10 @@ impl PacketStreamer for Codec {
     fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
         match self {
             Codec::Tbnet(s) => s.parse(src),
-            Codec::Custom(s) => s.parse(src),
+            // A framing that panics on a peer's bytes costs that peer's
+            // connection, not the IO thread (free unless it panics).
+            Codec::Custom(s) => catch_unwind(AssertUnwindSafe(|| s.parse(src)))
+                .unwrap_or(Err(FrameError::Malformed("the framing panicked"))),
         }
     }
 

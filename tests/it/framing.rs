@@ -295,3 +295,38 @@ fn http_server_example_keeps_alive_and_refuses_malformed_requests() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// Lines, except that a `!` makes the framing panic.
+struct Fragile;
+
+impl PacketStreamer for Fragile {
+    fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
+        assert!(!src.contains(&b'!'), "a framing with a bug");
+        Lines.parse(src)
+    }
+
+    fn encode_header(&self, _packet: &Packet, _dst: &mut BytesMut) {}
+}
+
+#[test]
+fn a_framing_that_panics_costs_only_its_connection() {
+    let transport = transport();
+    let addr = transport
+        .listen_with_options(loopback(), shout, ListenOptions::new().streamer(Fragile))
+        .unwrap();
+    let mut good = raw_client(addr);
+    send_bytes(&mut good, b"one\n");
+    let mut got = [0; 4];
+    good.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ONE\n");
+
+    let mut bad = raw_client(addr);
+    send_bytes(&mut bad, b"boom!\n");
+    assert!(closed_by_peer(&mut bad));
+
+    send_bytes(&mut good, b"two\n");
+    good.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"TWO\n");
+    assert_eq!(transport.stats().bad_frames, 1);
+    stop(&transport);
+}
