@@ -289,7 +289,8 @@ impl ConnectionManager {
     /// Hooks told when this manager's connections open, reopen after a loss
     /// ([`ConnectionEvents::on_reconnect`]) and close; see
     /// [`ConnectionEvents`] for the thread they run on. Applies to
-    /// connections opened afterwards.
+    /// connections opened afterwards; without it, the transport's
+    /// [`events`](crate::TransportBuilder::events) (if any) hear them.
     ///
     /// # Examples
     /// ```
@@ -703,7 +704,10 @@ impl ConnectionManager {
         );
         let conn = Arc::new(
             conn.with_codec(self.codec.clone())
-                .with_events(self.events.clone(), reconnect)
+                .with_events(
+                    (self.events.clone()).or_else(|| shared.default_events.clone()),
+                    reconnect,
+                )
                 .with_default_handler(self.default_handler.clone()),
         );
         let failures = conns.get(&server).map_or(0, |slot| slot.failures);

@@ -202,8 +202,9 @@
 //!
 //! # Connection events, server-initiated messages, other framings
 //!
-//! - **Events.** A listener ([`ListenOptions::events`]) or a manager
-//!   ([`ConnectionManager::with_events`]) takes [`ConnectionEvents`] hooks:
+//! - **Events.** A listener ([`ListenOptions::events`]), a manager
+//!   ([`ConnectionManager::with_events`]) or the whole transport
+//!   ([`TransportBuilder::events`]) takes [`ConnectionEvents`] hooks:
 //!   `on_connect`, `on_reconnect` (clients) and `on_close` with a
 //!   [`CloseReason`] (peer closed, reset, idle, bad frame, closed by this
 //!   side, shutdown). They run on `tbnet-events`, in order, exactly once

@@ -158,7 +158,9 @@ impl Transport {
             handler: Arc::new(Adapted(adaptor)),
             dispatch: options.dispatch.unwrap_or(self.config().dispatch),
             sniffer,
-            events: options.events,
+            events: options
+                .events
+                .or_else(|| self.shared().default_events.clone()),
             codec: options.codec,
         };
         self.shared().listen(addr, service)
@@ -197,8 +199,9 @@ impl ListenOptions {
         self
     }
 
-    /// Hooks told when this listener's connections open and close (see
-    /// [`ConnectionEvents`] for the thread they run on).
+    /// Hooks told when this listener's connections open and close (default:
+    /// the builder's [`events`](crate::TransportBuilder::events), if any;
+    /// see [`ConnectionEvents`] for the thread they run on).
     pub fn events<E: ConnectionEvents>(mut self, events: E) -> Self {
         self.events = Some(Arc::new(events));
         self

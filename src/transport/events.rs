@@ -235,16 +235,28 @@ impl ConnectionHandle {
         }
     }
 
-    /// Sends `packet` one-way (channel id 0): the peer expects to answer
-    /// nothing. A client hands it to its default handler.
+    /// Sends `packet` one-way.
+    ///
+    /// On a server connection it carries channel id 0: the client expects
+    /// to answer nothing and hands it to its default handler. On a client
+    /// connection it takes a real channel id (a tbnet server aborts on id
+    /// 0), held for the default timeout (5 s); a reply is discarded.
     ///
     /// # Errors
     /// The packet handed back if the connection closed, if its unwritten
     /// output is at [`max_outbound`](crate::TransportBuilder::max_outbound)
-    /// ([`Error::QueueFull`]), or if its body is too long for the framing.
+    /// or (client) its queue limit is reached ([`Error::QueueFull`]), or if
+    /// its body is too long for the framing.
     pub fn post(&self, mut packet: Packet) -> Result<(), SendError<Packet>> {
-        packet.set_channel_id(ChannelId::NONE);
-        self.conn.send_frame(packet)
+        match self.conn.side() {
+            Side::Server => {
+                packet.set_channel_id(ChannelId::NONE);
+                self.conn.send_frame(packet)
+            }
+            Side::Client => self
+                .submit(packet, None, Completion::callback(|_| {}))
+                .map(drop),
+        }
     }
 
     /// Sends `request` over this connection and blocks until its response,

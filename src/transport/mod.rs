@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     /// The transport's framing; listeners and managers may choose another.
     pub(crate) codec: Codec,
+    /// Hooks for connections whose listener or manager names none.
+    pub(crate) default_events: Option<Arc<dyn ConnectionEvents>>,
     pub(crate) stats: Stats,
     /// Runs connection event hooks on their own thread.
     pub(crate) events: EventQueue,
@@ -119,6 +121,7 @@ impl Shared {
             workers: WorkQueues::new(config.worker_queue, config.callback_queue),
             config,
             codec: builder.streamer,
+            default_events: builder.events,
             stats: Stats::default(),
             events: EventQueue::new(),
             next_conn_id: AtomicU64::new(1),
@@ -239,6 +242,7 @@ impl Shared {
 pub struct TransportBuilder {
     config: Config,
     streamer: Codec,
+    events: Option<Arc<dyn ConnectionEvents>>,
 }
 
 impl fmt::Debug for TransportBuilder {
@@ -270,6 +274,7 @@ impl Default for TransportBuilder {
                 status_page: false,
             },
             streamer: Codec::default(),
+            events: None,
         }
     }
 }
@@ -327,6 +332,16 @@ impl TransportBuilder {
     /// limit).
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
         self.streamer = Codec::new(streamer);
+        self
+    }
+
+    /// Hooks told when any connection of this transport opens and closes
+    /// (default none), unless its listener
+    /// ([`ListenOptions::events`](crate::ListenOptions::events)) or manager
+    /// ([`ConnectionManager::with_events`](crate::ConnectionManager::with_events))
+    /// has hooks of its own. See [`ConnectionEvents`] for where they run.
+    pub fn events<E: ConnectionEvents>(mut self, events: E) -> Self {
+        self.events = Some(Arc::new(events));
         self
     }
 

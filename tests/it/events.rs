@@ -503,3 +503,80 @@ fn a_tbnet_peer_gets_server_packets_as_frames() {
     );
     stop(&transport);
 }
+
+#[test]
+fn the_builders_hooks_hear_connections_with_none_of_their_own() {
+    let events = Events::default();
+    let transport = Transport::builder()
+        .workers(2)
+        .events(events.hook())
+        .start()
+        .unwrap();
+    let addr = transport.listen(loopback(), echo).unwrap();
+    let client = ConnectionManager::new(&transport);
+    client.call(addr, Packet::new(1, "x"), Some(NEVER)).unwrap();
+    // The client's connection and the server's.
+    assert_eq!(
+        events.wait(2),
+        [ConnectionEvent::Connected, ConnectionEvent::Connected]
+    );
+    // A listener with hooks of its own: the builder's hear nothing of it.
+    let own = Events::default();
+    let other = transport
+        .listen_with_options(loopback(), echo, ListenOptions::new().events(own.hook()))
+        .unwrap();
+    client
+        .call(other, Packet::new(1, "y"), Some(NEVER))
+        .unwrap();
+    own.wait(1);
+    assert_eq!(
+        events.wait(3).len(),
+        3,
+        "only the client side of the second"
+    );
+    stop(&transport);
+    assert_eq!(events.all().len(), 6);
+    assert_eq!(own.all().len(), 2);
+}
+
+#[test]
+fn a_client_handle_posts_with_a_real_channel_id() {
+    // A tbnet server aborts on channel id 0: a client's one-way packet
+    // takes a real one (its reply is discarded).
+    let (addr, server) = crate::support::raw_server(|mut stream| {
+        let request = read_frame(&mut stream).unwrap();
+        stream
+            .write_all(&frame(request.chid, 0, &request.body))
+            .unwrap();
+        let posted = read_frame(&mut stream).unwrap();
+        stream
+            .write_all(&frame(posted.chid, 0, b"ignored"))
+            .unwrap();
+        // Hold the connection until the client is done.
+        let _ = closed_by_peer(&mut stream);
+        posted
+    });
+    let handles = Arc::new(Mutex::new(Vec::new()));
+    let keep = handles.clone();
+    let transport = crate::support::transport();
+    let client =
+        ConnectionManager::new(&transport).with_events(move |conn: &ConnectionHandle, _| {
+            keep.lock().unwrap().push(conn.clone());
+        });
+    client.call(addr, Packet::new(1, "x"), Some(NEVER)).unwrap();
+    assert!(wait_until(WAIT_LIMIT, || !handles
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let conn = handles.lock().unwrap()[0].clone();
+    assert!(!conn.is_server_side());
+    assert_eq!(conn.peer(), addr);
+    conn.post(Packet::new(2, "one-way")).unwrap();
+    assert!(wait_until(WAIT_LIMIT, || transport.stats().pending == 0));
+    drop(client);
+    let posted = server.join().unwrap();
+    assert_ne!(posted.chid, 0);
+    assert_eq!(posted.body, b"one-way");
+    assert_eq!(transport.stats().late_responses, 0);
+    stop(&transport);
+}
