@@ -54,7 +54,7 @@ pub enum CloseReason {
     BadFrame,
     /// This side closed it: [`ConnectionHandle::close`], or the connection
     /// was done (a status page answered).
-    Closed,
+    Local,
     /// The transport stopped, or the manager that owned the connection was
     /// dropped.
     Shutdown,
@@ -67,7 +67,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Reset => "reset",
             CloseReason::Idle => "idle",
             CloseReason::BadFrame => "bad frame",
-            CloseReason::Closed => "closed by this side",
+            CloseReason::Local => "closed by this side",
             CloseReason::Shutdown => "shutdown",
         })
     }
@@ -91,9 +91,11 @@ pub enum ConnectionEvent {
 /// `on_connect`/`on_close`; tbnet delivers a `DisconnPacket` instead).
 ///
 /// Given to a listener ([`ListenOptions::events`](crate::ListenOptions::events))
-/// for the connections it accepts, or to a
+/// for the connections it accepts, to a
 /// [`ConnectionManager`](crate::ConnectionManager::with_events) for the
-/// connections it opens. Every method has a default that does nothing, and
+/// connections it opens, or to the
+/// [`TransportBuilder`](crate::TransportBuilder::events) for every
+/// connection whose listener or manager has none. Every method has a default that does nothing, and
 /// any `Fn(&ConnectionHandle, ConnectionEvent)` closure is a hook.
 ///
 /// # Guarantees
@@ -226,7 +228,7 @@ impl ConnectionHandle {
 
     /// Closes the connection: requests pending on it fail with
     /// [`Error::Disconnected`], the close hook hears
-    /// [`CloseReason::Closed`]. Unwritten output is dropped. Does nothing
+    /// [`CloseReason::Local`]. Unwritten output is dropped. Does nothing
     /// if it closed already. A client manager opens a new connection on
     /// its next request to that server.
     pub fn close(&self) {

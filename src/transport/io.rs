@@ -158,7 +158,7 @@ fn event_reason(reason: CloseReason) -> EventReason {
         // (A connection that never opened has no close event.)
         CloseReason::ConnectTimedOut | CloseReason::Idle => EventReason::Idle,
         CloseReason::PeerClosed | CloseReason::Drained => EventReason::PeerClosed,
-        CloseReason::Answered => EventReason::Closed,
+        CloseReason::Answered => EventReason::Local,
     }
 }
 
@@ -206,7 +206,7 @@ impl IoLoop {
                 Some(token) => {
                     let reason = match error {
                         Error::Shutdown => EventReason::Shutdown,
-                        _ => EventReason::Closed,
+                        _ => EventReason::Local,
                     };
                     self.close_because(token, reason, error);
                 }

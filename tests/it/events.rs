@@ -191,7 +191,7 @@ fn a_lost_connection_reopens_with_a_reconnect_event() {
     );
     assert_eq!(
         server_events.wait(2)[1],
-        ConnectionEvent::Closed(CloseReason::Closed),
+        ConnectionEvent::Closed(CloseReason::Local),
         "the server closed it itself"
     );
     assert!(wait_until(WAIT_LIMIT, || client.connections() == 0));
@@ -579,4 +579,42 @@ fn a_client_handle_posts_with_a_real_channel_id() {
     assert_eq!(posted.body, b"one-way");
     assert_eq!(transport.stats().late_responses, 0);
     stop(&transport);
+}
+
+#[test]
+fn a_client_hook_may_call_back_into_its_manager() {
+    // On connect, the hook sends a request through the very manager whose
+    // connection it hears about, and waits for it.
+    let server = crate::support::echo_server();
+    let transport = crate::support::transport();
+    let manager: Arc<std::sync::OnceLock<std::sync::Weak<ConnectionManager>>> = Arc::default();
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let (weak, record, addr) = (manager.clone(), answers.clone(), server.addr);
+    let client = Arc::new(ConnectionManager::new(&transport).with_events(
+        move |_: &ConnectionHandle, event: ConnectionEvent| {
+            let Some(client) = weak.get().and_then(|w| w.upgrade()) else {
+                return;
+            };
+            if event == ConnectionEvent::Connected {
+                let stats = client.server_stats(addr).map(|s| s.connect_attempts);
+                let answer = client.call(addr, Packet::new(1, "from the hook"), Some(NEVER));
+                record
+                    .lock()
+                    .unwrap()
+                    .push((stats, answer.map(|p| p.into_body())));
+            }
+        },
+    ));
+    manager.set(Arc::downgrade(&client)).unwrap();
+    client.call(addr, Packet::new(1, "x"), Some(NEVER)).unwrap();
+    assert!(wait_until(WAIT_LIMIT, || !answers
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let (stats, answer) = answers.lock().unwrap()[0].clone();
+    assert_eq!(stats, Some(1));
+    assert_eq!(answer.unwrap(), "from the hook");
+    drop(client);
+    stop(&transport);
+    stop(&server.transport);
 }
