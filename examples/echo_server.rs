@@ -5,7 +5,9 @@
 //! ```
 //!
 //! `--workers N` handles requests on N worker threads; `--workers 0` (the
-//! default) handles them on the IO thread. `--status` also answers
+//! default) handles them on the IO thread. `--ordered` (with `--workers N`)
+//! handles each connection's requests in arrival order, connections in
+//! parallel. `--status` also answers
 //! `curl http://ADDR/status` (JSON) and `/metrics` (Prometheus) on the same
 //! port. `-v` logs each request's life at debug level. Prints
 //! `listening on ADDR` once ready and serves until killed.
@@ -26,6 +28,12 @@ struct Args {
     /// Worker threads that handle requests; 0 handles them on the IO thread.
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Handle each connection's requests one after another in arrival
+    /// order, replies leaving in that order, while connections run in
+    /// parallel on the workers (`Dispatch::Ordered`). With `--workers 0`
+    /// the IO thread already handles them in order.
+    #[arg(long)]
+    ordered: bool,
     /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
     #[arg(long)]
     status: bool,
@@ -48,10 +56,10 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    let dispatch = if args.workers == 0 {
-        Dispatch::IoThread
-    } else {
-        Dispatch::Workers
+    let dispatch = match (args.workers, args.ordered) {
+        (0, _) => Dispatch::IoThread,
+        (_, true) => Dispatch::Ordered,
+        (_, false) => Dispatch::Workers,
     };
     let transport = match Transport::builder()
         .workers(args.workers.max(1))

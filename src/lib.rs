@@ -468,7 +468,7 @@ pub use message::{
 pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
-pub use server::{Dispatch, ListenOptions, Responder, ServerAdaptor};
+pub use server::{Batch, BatchAdaptor, Dispatch, ListenOptions, Responder, ServerAdaptor};
 pub use transport::{
     CloseReason, ConnectionEvent, ConnectionEvents, ConnectionHandle, StatsSnapshot, Transport,
     TransportBuilder, DEFAULT_MAX_OUTBOUND,

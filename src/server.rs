@@ -149,21 +149,127 @@ impl Transport {
         adaptor: A,
         options: ListenOptions,
     ) -> Result<SocketAddr, Error> {
+        self.listen_service(addr, Arc::new(Adapted(adaptor)), false, options)
+    }
+
+    /// Starts a listener for `handler` with `options`.
+    fn listen_service(
+        &self,
+        addr: SocketAddr,
+        handler: Arc<dyn RequestHandler>,
+        batches: bool,
+        options: ListenOptions,
+    ) -> Result<SocketAddr, Error> {
         // The status page speaks HTTP on tbnet's port: not with another
         // framing.
         let sniffer: Option<Arc<dyn Sniffer>> = (self.config().status_page
             && options.codec.is_none())
         .then(|| Arc::new(crate::status::StatusPage) as Arc<dyn Sniffer>);
         let service = Service {
-            handler: Arc::new(Adapted(adaptor)),
+            handler,
             dispatch: options.dispatch.unwrap_or(self.config().dispatch),
+            batches,
             sniffer,
-            events: options
-                .events
-                .or_else(|| self.shared().default_events.clone()),
+            events: (options.events).or_else(|| self.shared().default_events.clone()),
             codec: options.codec,
         };
         self.shared().listen(addr, service)
+    }
+
+    /// Like [`listen_with`](Self::listen_with) for an adaptor that takes
+    /// requests in batches (tbnet's `handleBatchPacket`): every request one
+    /// read of a connection brought in, or with [`Dispatch::Ordered`] every
+    /// request of the connection waiting when a worker takes it up.
+    ///
+    /// # Errors
+    /// As for [`listen`](Self::listen).
+    pub fn listen_batch<B: BatchAdaptor>(
+        &self,
+        addr: SocketAddr,
+        adaptor: B,
+        dispatch: Dispatch,
+    ) -> Result<SocketAddr, Error> {
+        let options = ListenOptions::new().dispatch(dispatch);
+        self.listen_service(addr, Arc::new(AdaptedBatch(adaptor)), true, options)
+    }
+}
+
+/// Handles a connection's requests a batch at a time (tbnet's
+/// `IServerAdapter::handleBatchPacket`): one call for every request one
+/// read brought in, in arrival order, on the IO thread or a worker as the
+/// listener's [`Dispatch`] says.
+///
+/// Register it with [`Transport::listen_batch`]. Every request in the batch
+/// has its own [`Responder`]; dropping the batch (or a responder) leaves
+/// the rest unanswered, as for [`ServerAdaptor`].
+///
+/// # Examples
+/// ```
+/// use tbnet::{Batch, BatchAdaptor, Dispatch, Transport};
+///
+/// struct EchoAll;
+///
+/// impl BatchAdaptor for EchoAll {
+///     fn handle_batch(&self, batch: Batch) {
+///         for (request, responder) in batch {
+///             let _ = responder.reply(request.reply(request.body().clone()));
+///         }
+///     }
+/// }
+///
+/// let transport = Transport::builder().start()?;
+/// let addr = transport.listen_batch("127.0.0.1:0".parse()?, EchoAll, Dispatch::Ordered)?;
+/// # let _ = addr;
+/// transport.stop();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait BatchAdaptor: Send + Sync + 'static {
+    /// Handles a batch of requests from one connection, in arrival order.
+    fn handle_batch(&self, batch: Batch);
+}
+
+/// Requests from one connection, in arrival order, each with its
+/// [`Responder`]: an iterator of `(Packet, Responder)`.
+pub struct Batch {
+    requests: std::vec::IntoIter<(Packet, ReplyTo)>,
+}
+
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch")
+            .field("len", &self.requests.len())
+            .finish()
+    }
+}
+
+impl Iterator for Batch {
+    type Item = (Packet, Responder);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (request, reply) = self.requests.next()?;
+        Some((request, Responder::new(reply)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.requests.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Batch {}
+
+/// A [`BatchAdaptor`] as the transport's request handler.
+struct AdaptedBatch<B>(B);
+
+impl<B: BatchAdaptor> RequestHandler for AdaptedBatch<B> {
+    fn handle_request(&self, request: Packet, reply: ReplyTo) {
+        self.handle_batch(vec![(request, reply)]);
+    }
+
+    fn handle_batch(&self, requests: Vec<(Packet, ReplyTo)>) {
+        let _span = tracing::debug_span!("batch", len = requests.len()).entered();
+        self.0.handle_batch(Batch {
+            requests: requests.into_iter(),
+        });
     }
 }
 

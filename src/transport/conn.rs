@@ -84,10 +84,11 @@ pub(crate) struct Conn {
     pub(crate) shared: Arc<Shared>,
     state: Mutex<ConnState>,
     flush_scheduled: AtomicBool,
-    /// The IO thread is decoding this connection's requests and running
-    /// their handlers inline: replies made meanwhile need no flush request,
-    /// it takes them when the batch ends.
-    in_batch: AtomicBool,
+    /// Runs of this connection's requests going on now: the IO thread's
+    /// inline decode pass, or a worker's pass or strand turn. Replies made
+    /// meanwhile need no flush request each: the run's end takes them (IO
+    /// thread) or asks for one flush (worker).
+    batches: AtomicUsize,
     token: AtomicUsize,
     /// Clients: how long an open connection must last to count as healthy
     /// when no response arrived on it.
@@ -134,7 +135,7 @@ impl Conn {
                 draining: false,
             }),
             flush_scheduled: AtomicBool::new(false),
-            in_batch: AtomicBool::new(false),
+            batches: AtomicUsize::new(0),
             token: AtomicUsize::new(NO_TOKEN),
             grace,
         }
@@ -458,11 +459,29 @@ impl Conn {
     /// IO thread: a decode batch begins; replies made during it are taken
     /// by [`end_batch`](Self::end_batch) without a flush request each.
     pub(crate) fn begin_batch(&self) {
-        self.in_batch.store(true, Ordering::SeqCst);
+        self.batches.fetch_add(1, Ordering::SeqCst);
     }
 
     fn in_batch(&self) -> bool {
-        self.in_batch.load(Ordering::SeqCst)
+        self.batches.load(Ordering::SeqCst) > 0
+    }
+
+    /// Worker: a run of this connection's requests ended (see
+    /// [`begin_batch`](Self::begin_batch)); asks the IO thread to write
+    /// what it produced, with one flush request for the run.
+    ///
+    /// As in [`end_batch`](Self::end_batch), a reply queued under the lock
+    /// either comes before the look here (and is flushed by it) or sees
+    /// the count lowered and asks for its own flush.
+    pub(crate) fn end_worker_batch(self: &Arc<Self>) {
+        self.batches.fetch_sub(1, Ordering::SeqCst);
+        let flush = {
+            let state = self.state.lock();
+            (state.out.len() > 0 || state.draining) && !matches!(state.status, Status::Closed(_))
+        };
+        if flush {
+            self.schedule_flush();
+        }
     }
 
     /// IO thread: the decode batch ended; moves the replies it produced into
@@ -472,7 +491,7 @@ impl Conn {
     /// taken) or after it, and then it sees the flag cleared (the clear
     /// precedes the take) and asks for a flush itself: none is left behind.
     pub(crate) fn end_batch(&self, into: &mut WriteQueue) -> u64 {
-        self.in_batch.store(false, Ordering::SeqCst);
+        self.batches.fetch_sub(1, Ordering::SeqCst);
         let mut state = self.state.lock();
         self.shared.stats.packets_out(state.out.frames());
         into.append(&mut state.out);

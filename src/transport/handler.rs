@@ -27,12 +27,27 @@ pub enum Dispatch {
     /// thread stops reading until there is room (TCP pushes back on clients).
     #[default]
     Workers,
+    /// On the worker pool, one connection's requests one after another in
+    /// arrival order (the next starts once the previous handler returned),
+    /// so replies made before a handler returns leave in request order;
+    /// different connections still run in parallel. The queue limit counts
+    /// requests waiting across all ordered connections; past it the IO
+    /// thread stops reading (one decode pass per connection may go over).
+    Ordered,
 }
 
 /// Handles one request frame that arrived on a server connection.
 pub(crate) trait RequestHandler: Send + Sync + 'static {
     /// Handles `request`; the answer (if any) goes through `reply`.
     fn handle_request(&self, request: Packet, reply: ReplyTo);
+
+    /// Handles the requests one decode pass (or, ordered, one strand) holds,
+    /// in arrival order. Called only for services that ask for batches.
+    fn handle_batch(&self, requests: Vec<(Packet, ReplyTo)>) {
+        for (request, reply) in requests {
+            self.handle_request(request, reply);
+        }
+    }
 }
 
 /// What a listener's connection's first bytes are.
@@ -64,6 +79,8 @@ pub(crate) trait Sniffer: Send + Sync + 'static {
 pub(crate) struct Service {
     pub(crate) handler: Arc<dyn RequestHandler>,
     pub(crate) dispatch: Dispatch,
+    /// Hand the handler each decode pass's requests as one batch.
+    pub(crate) batches: bool,
     pub(crate) sniffer: Option<Arc<dyn Sniffer>>,
     /// What hears the listener's connections open and close.
     pub(crate) events: Option<Arc<dyn ConnectionEvents>>,

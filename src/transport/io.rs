@@ -28,7 +28,7 @@ use super::events::{CloseReason as EventReason, ConnectionEvent, SERVER_QUEUE_LI
 use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
 use super::stream::Stream;
 use super::timer::{Kind, TimerKey};
-use super::workers::Job;
+use super::workers::{Job, Strand};
 use super::{Command, Dispatch, Shared};
 
 /// The token of the shared `mio::Waker`.
@@ -67,8 +67,10 @@ struct IoConn {
     state: Connection,
     /// Server connections: what handles their requests.
     service: Option<Arc<Service>>,
-    /// A request the full worker queue could not take yet.
+    /// Requests the full worker queue could not take yet.
     stalled: Option<Job>,
+    /// Ordered server connections: the queue their requests wait in.
+    strand: Option<Arc<Strand>>,
     /// The connection's deadline registered with the timer.
     timer: Option<TimerKey>,
     /// Its connect event was queued: its close event will be too.
@@ -88,6 +90,9 @@ struct IoLoop {
     responses: Vec<Packet>,
     /// A reused buffer for the requests completed by a batch of responses.
     completed: Vec<Ready>,
+    /// A reused buffer for a decode pass's requests bound for an ordered
+    /// connection's strand.
+    gathered: Vec<(Packet, ReplyTo)>,
 }
 
 /// The `tbnet-io` thread's body.
@@ -102,6 +107,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         accept_retry: Vec::new(),
         responses: Vec::new(),
         completed: Vec::new(),
+        gathered: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     loop {
@@ -314,6 +320,7 @@ impl IoLoop {
             state,
             service,
             stalled: None,
+            strand: None,
             timer: None,
             announced: false,
         }));
@@ -571,6 +578,7 @@ impl IoLoop {
             paused,
             responses,
             completed,
+            gathered,
             ..
         } = self;
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
@@ -604,6 +612,7 @@ impl IoLoop {
                 let mut batch = RequestBatch {
                     shared,
                     paused,
+                    gathered,
                     token,
                     inline,
                     decoded: 0,
@@ -630,12 +639,14 @@ impl IoLoop {
                 continue;
             };
             if let Some(job) = c.stalled.take() {
-                if let Err(job) = self.shared.workers.push_request(job) {
-                    c.stalled = Some(job);
+                let n = job.len();
+                if let Err(rest) = self.shared.workers.push_request(job) {
+                    c.state.dispatched(n - rest.len());
+                    c.stalled = Some(rest);
                     self.paused.push(token);
                     break;
                 }
-                c.state.dispatched(1);
+                c.state.dispatched(n);
             }
             c.state.workers_free();
             self.read(token);
@@ -848,6 +859,9 @@ fn decode_responses(
 struct RequestBatch<'a> {
     shared: &'a Shared,
     paused: &'a mut Vec<usize>,
+    /// Requests held back for the end of the pass: those of services that
+    /// take batches, and those of ordered connections.
+    gathered: &'a mut Vec<(Packet, ReplyTo)>,
     token: usize,
     /// Handlers run inline: their replies join the connection's queue
     /// without a flush request each (worker replies come at their own pace
@@ -882,8 +896,71 @@ impl RequestBatch<'_> {
             return Ok(());
         };
         let result = self.decode_with(c, &service);
+        // Requests decoded before a bad frame are handled all the same.
+        self.hand_over_gathered(c, &service);
         c.service = Some(service);
         result
+    }
+
+    /// Hands the requests gathered in this pass to the handler: as one
+    /// batch (inline or on a worker), or to the connection's strand.
+    fn hand_over_gathered(&mut self, c: &mut IoConn, service: &Service) {
+        if self.gathered.is_empty() {
+            return;
+        }
+        let n = self.gathered.len();
+        match service.dispatch {
+            Dispatch::IoThread => {
+                c.state.dispatched(n);
+                handle_inline_batch(service.handler.as_ref(), std::mem::take(self.gathered));
+            }
+            Dispatch::Workers => {
+                let handler = service.handler.clone();
+                let job = if service.batches {
+                    Job::Batch {
+                        handler,
+                        requests: std::mem::take(self.gathered),
+                    }
+                } else if n == 1 {
+                    let (request, reply) = self.gathered.pop().expect("one request");
+                    Job::One {
+                        handler,
+                        request,
+                        reply,
+                    }
+                } else {
+                    let spare = self.shared.workers.spare_vec();
+                    Job::Requests {
+                        handler,
+                        requests: std::mem::replace(self.gathered, spare),
+                    }
+                };
+                self.queued_jobs = true;
+                match self.shared.workers.push_request(job) {
+                    Ok(()) => c.state.dispatched(n),
+                    Err(rest) => {
+                        c.state.dispatched(n - rest.len());
+                        c.stalled = Some(rest);
+                        c.state.workers_full();
+                        self.paused.push(self.token);
+                    }
+                }
+            }
+            Dispatch::Ordered => {
+                let strand = c
+                    .strand
+                    .get_or_insert_with(|| {
+                        Arc::new(Strand::new(service.handler.clone(), service.batches))
+                    })
+                    .clone();
+                self.queued_jobs = true;
+                c.state.dispatched(n);
+                if !self.shared.workers.push_ordered(&strand, self.gathered) {
+                    c.state.workers_full();
+                    self.paused.push(self.token);
+                }
+            }
+        }
     }
 
     fn decode_with(&mut self, c: &mut IoConn, service: &Service) -> Result<(), Error> {
@@ -926,28 +1003,14 @@ impl RequestBatch<'_> {
                 "request received"
             );
             let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
-            match service.dispatch {
-                Dispatch::IoThread => {
-                    c.state.dispatched(1);
-                    handle_inline(service.handler.as_ref(), packet, reply);
-                }
-                Dispatch::Workers => {
-                    let job = Job {
-                        handler: service.handler.clone(),
-                        request: packet,
-                        reply,
-                    };
-                    self.queued_jobs = true;
-                    match self.shared.workers.push_request(job) {
-                        Ok(()) => c.state.dispatched(1),
-                        Err(job) => {
-                            c.stalled = Some(job);
-                            c.state.workers_full();
-                            self.paused.push(self.token);
-                        }
-                    }
-                }
+            // Workers take a pass at a time (one queue operation), batch
+            // handlers too; plain handlers on this thread run at once.
+            if service.batches || service.dispatch != Dispatch::IoThread {
+                self.gathered.push((packet, reply));
+                continue;
             }
+            c.state.dispatched(1);
+            handle_inline(service.handler.as_ref(), packet, reply);
         }
     }
 
@@ -956,6 +1019,15 @@ impl RequestBatch<'_> {
         if self.queued_jobs {
             self.shared.workers.notify();
         }
+    }
+}
+
+fn handle_inline_batch(handler: &dyn RequestHandler, requests: Vec<(Packet, ReplyTo)>) {
+    let Some(peer) = requests.first().map(|(_, reply)| reply.conn().peer()) else {
+        return;
+    };
+    if catch_unwind(AssertUnwindSafe(|| handler.handle_batch(requests))).is_err() {
+        tracing::error!(%peer, "a batch handler panicked on the IO thread");
     }
 }
 

@@ -322,7 +322,8 @@ impl TransportBuilder {
     /// runs, every connection of the transport waits, and a blocking
     /// [`call`](crate::ConnectionManager::call) made from it can only end by
     /// its timeout. It may send further requests with `send` or
-    /// `call_async`.
+    /// `call_async`. [`Dispatch::Ordered`] means [`Dispatch::Workers`]
+    /// here: callbacks may run in parallel.
     pub fn callbacks(mut self, dispatch: Dispatch) -> Self {
         self.config.callbacks = dispatch;
         self

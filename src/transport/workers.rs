@@ -8,6 +8,7 @@
 //! neither the IO thread nor the timer. Idle workers park; producers wake
 //! one only when someone sleeps.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,18 +18,115 @@ use crate::packet::Packet;
 use crate::proto::Ready;
 use crate::sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, SegQueue};
 
+use super::conn::Conn;
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
 
-/// A request for a handler, run on a worker.
-pub(crate) struct Job {
-    pub(crate) handler: Arc<dyn RequestHandler>,
-    pub(crate) request: Packet,
-    pub(crate) reply: ReplyTo,
+/// Requests for a handler, run on a worker: one request; the requests one
+/// decode pass of a connection read, run one by one (split among workers
+/// when some are idle); or such a pass as one batch, for handlers that take
+/// batches.
+pub(crate) enum Job {
+    One {
+        handler: Arc<dyn RequestHandler>,
+        request: Packet,
+        reply: ReplyTo,
+    },
+    Requests {
+        handler: Arc<dyn RequestHandler>,
+        requests: Vec<(Packet, ReplyTo)>,
+    },
+    Batch {
+        handler: Arc<dyn RequestHandler>,
+        requests: Vec<(Packet, ReplyTo)>,
+    },
+}
+
+impl Job {
+    /// How many requests the job holds.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Job::One { .. } => 1,
+            Job::Requests { requests, .. } | Job::Batch { requests, .. } => requests.len(),
+        }
+    }
+}
+
+/// One connection's requests under [`Dispatch::Ordered`]: a queue that at
+/// most one worker runs at a time, front to back.
+///
+/// The IO thread appends each decode pass's requests and schedules the
+/// strand (puts it on the pool's strand queue) if no worker has it; the
+/// worker that takes it runs requests until the strand is empty, then
+/// unschedules it under the same lock the IO thread appends under, so a
+/// request is never left in an unscheduled strand.
+///
+/// [`Dispatch::Ordered`]: super::Dispatch::Ordered
+pub(crate) struct Strand {
+    handler: Arc<dyn RequestHandler>,
+    /// Hand the handler everything queued at once.
+    batches: bool,
+    state: Mutex<StrandState>,
+}
+
+struct StrandState {
+    queue: VecDeque<(Packet, ReplyTo)>,
+    /// On the strand queue or held by a worker.
+    scheduled: bool,
+}
+
+impl Strand {
+    pub(crate) fn new(handler: Arc<dyn RequestHandler>, batches: bool) -> Self {
+        Strand {
+            handler,
+            batches,
+            state: Mutex::new(StrandState {
+                queue: VecDeque::new(),
+                scheduled: false,
+            }),
+        }
+    }
+}
+
+/// Puts a split `Job::Requests` back together, front first.
+fn join(front: Job, rest: Job) -> Job {
+    match (front, rest) {
+        (
+            Job::Requests {
+                handler,
+                requests: mut all,
+            },
+            Job::Requests { requests, .. },
+        ) => {
+            all.extend(requests);
+            Job::Requests {
+                handler,
+                requests: all,
+            }
+        }
+        _ => unreachable!("only Job::Requests are split"),
+    }
+}
+
+/// What a worker took from a strand.
+enum Taken {
+    One(Packet, ReplyTo),
+    Batch(Vec<(Packet, ReplyTo)>),
 }
 
 pub(crate) struct WorkQueues {
     requests: ArrayQueue<Job>,
+    /// Emptied request vectors, for the IO thread to gather the next pass
+    /// in: no allocation per pass at steady state.
+    spare: ArrayQueue<Vec<(Packet, ReplyTo)>>,
+    /// Ordered connections with requests waiting (bounded by the number
+    /// of connections: a strand is queued at most once).
+    strands: SegQueue<Arc<Strand>>,
+    /// Requests waiting for a worker (in queued jobs and in strands), and
+    /// how many may before the IO thread pauses reading. A decode pass is
+    /// taken whole while there is room, so one pass may go over.
+    queued: AtomicUsize,
+    limit: usize,
     callbacks: SegQueue<Ready>,
     /// Callbacks queued and not yet run, and how many may be.
     callbacks_queued: AtomicUsize,
@@ -51,6 +149,10 @@ impl WorkQueues {
     pub(crate) fn new(capacity: usize, callback_limit: usize) -> Self {
         WorkQueues {
             requests: ArrayQueue::new(capacity.max(1)),
+            spare: ArrayQueue::new(SPARE_VECS),
+            strands: SegQueue::new(),
+            queued: AtomicUsize::new(0),
+            limit: capacity.max(1),
             callbacks: SegQueue::new(),
             callbacks_queued: AtomicUsize::new(0),
             callback_limit,
@@ -66,22 +168,99 @@ impl WorkQueues {
         }
     }
 
-    /// IO thread: queues a request, or hands it back when the queue is full
-    /// (the IO thread then pauses reading until a worker asks it to resume).
+    /// IO thread: queues requests, or hands back those the queue had no
+    /// room for (the IO thread then pauses reading until a worker asks it
+    /// to resume): the limit counts requests, not jobs.
     /// The caller wakes the workers with [`notify`](Self::notify) once per
     /// batch of requests: one fence per batch, not per request.
     pub(crate) fn push_request(&self, job: Job) -> Result<(), Job> {
-        let job = match self.requests.push(job) {
+        let job = match self.try_push(job) {
             Ok(()) => return Ok(()),
             Err(job) => job,
         };
         // Raise the flag before the retry so a worker that frees a place
         // after it either sees the flag or left room for the retry.
         self.io_waiting.store(true, Ordering::SeqCst);
-        let retry = self.requests.push(job);
+        let retry = self.try_push(job);
         // Full: make sure someone is awake to drain it.
         self.notify();
         retry
+    }
+
+    /// Queues `job`, or as much of a `Job::Requests` as there is room
+    /// for, handing back the rest. A batch for a batch handler is taken
+    /// whole while there is any room.
+    fn try_push(&self, job: Job) -> Result<(), Job> {
+        let queued = self.queued.load(Ordering::SeqCst);
+        if queued >= self.limit {
+            return Err(job);
+        }
+        let room = self.limit - queued;
+        let (job, rest) = match job {
+            Job::Requests {
+                handler,
+                mut requests,
+            } if requests.len() > room => {
+                let mut front = self.spare_vec();
+                front.extend(requests.drain(..room));
+                let front = Job::Requests {
+                    handler: handler.clone(),
+                    requests: front,
+                };
+                (front, Some(Job::Requests { handler, requests }))
+            }
+            job => (job, None),
+        };
+        let n = job.len();
+        self.queued.fetch_add(n, Ordering::SeqCst);
+        if let Err(job) = self.requests.push(job) {
+            self.queued.fetch_sub(n, Ordering::SeqCst);
+            return Err(match rest {
+                Some(rest) => join(job, rest),
+                None => job,
+            });
+        }
+        rest.map_or(Ok(()), Err)
+    }
+
+    /// IO thread: appends one decode pass's requests (emptying `requests`)
+    /// to an ordered connection's strand, scheduling it if no worker has
+    /// it. False when the requests waiting in strands reached the queue's
+    /// capacity: the IO thread then pauses reading the connection (these
+    /// requests were taken all the same) until a worker asks it to resume.
+    /// The caller wakes the workers with [`notify`](Self::notify).
+    pub(crate) fn push_ordered(
+        &self,
+        strand: &Arc<Strand>,
+        requests: &mut Vec<(Packet, ReplyTo)>,
+    ) -> bool {
+        let n = requests.len();
+        if n == 0 {
+            return true;
+        }
+        let queued = self.queued.fetch_add(n, Ordering::SeqCst) + n;
+        let schedule = {
+            let mut state = strand.state.lock();
+            state.queue.extend(requests.drain(..));
+            !std::mem::replace(&mut state.scheduled, true)
+        };
+        if schedule {
+            self.strands.push(strand.clone());
+        }
+        if queued < self.limit {
+            return true;
+        }
+        // As for the request queue: raise the flag, then look again, so a
+        // worker that took requests meanwhile either saw the flag or left
+        // the room the second look finds.
+        self.io_waiting.store(true, Ordering::SeqCst);
+        self.queued.load(Ordering::SeqCst) < self.limit
+    }
+
+    /// An empty vector to gather requests in (one a worker emptied, if
+    /// any).
+    pub(crate) fn spare_vec(&self) -> Vec<(Packet, ReplyTo)> {
+        self.spare.pop().unwrap_or_default()
     }
 
     /// Queues a callback; the caller wakes the workers with
@@ -117,8 +296,9 @@ impl WorkQueues {
         self.busy.load(Ordering::SeqCst)
     }
 
+    /// Requests queued for workers and not taken yet.
     pub(crate) fn queued_requests(&self) -> usize {
-        self.requests.len()
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Wakes a parked worker, if any, for work queued before this call.
@@ -135,7 +315,16 @@ impl WorkQueues {
     }
 
     fn is_idle(&self) -> bool {
-        self.requests.is_empty() && self.callbacks.is_empty()
+        self.requests.is_empty() && self.callbacks.is_empty() && self.strands.is_empty()
+    }
+
+    /// A worker took `n` requests: if the IO thread paused for room, ask
+    /// it to read on.
+    fn took_requests(&self, shared: &Shared, n: usize) {
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        if self.io_waiting.load(Ordering::SeqCst) && self.io_waiting.swap(false, Ordering::SeqCst) {
+            shared.command(Command::ResumeReading);
+        }
     }
 
     /// Drops requests still queued: the transport stopped before a worker
@@ -145,6 +334,12 @@ impl WorkQueues {
         while let Some(job) = self.requests.pop() {
             drop(job);
         }
+        while let Some(strand) = self.strands.pop() {
+            let mut state = strand.state.lock();
+            state.queue.clear();
+            state.scheduled = false;
+        }
+        self.queued.store(0, Ordering::SeqCst);
     }
 
     /// Runs callbacks still queued (on the calling thread). Used when the
@@ -236,11 +431,15 @@ fn run_one_callback(shared: &Shared) -> bool {
 fn run_one_request(shared: &Shared) -> bool {
     let queues = &shared.workers;
     let Some(job) = queues.requests.pop() else {
-        return false;
+        return match queues.strands.pop() {
+            Some(strand) => {
+                run_strand(shared, strand);
+                true
+            }
+            None => false,
+        };
     };
-    if queues.io_waiting.load(Ordering::SeqCst) && queues.io_waiting.swap(false, Ordering::SeqCst) {
-        shared.command(Command::ResumeReading);
-    }
+    queues.took_requests(shared, job.len());
     if queues.is_stopping() {
         // Shutting down: the request is dropped unanswered.
         return true;
@@ -252,10 +451,158 @@ fn run_one_request(shared: &Shared) -> bool {
         queues.notify();
     }
     queues.enter_busy();
-    run_job(job);
+    match job {
+        Job::Requests { handler, requests } => run_requests(queues, handler, requests),
+        job => run_job(job),
+    }
     queues.leave_busy();
     true
 }
+
+/// Runs one decode pass's requests in order, handing the rest to another
+/// worker whenever one is idle: a pass costs one queue operation when the
+/// pool is busy, and a slow handler never holds up the rest of its pass
+/// while a worker could take it.
+fn run_requests(
+    queues: &WorkQueues,
+    handler: Arc<dyn RequestHandler>,
+    mut requests: Vec<(Packet, ReplyTo)>,
+) {
+    let Some(conn) = requests.first().map(|(_, reply)| reply.conn().clone()) else {
+        return;
+    };
+    let mut run = RepliesHeld::begin(conn);
+    let mut drain = requests.drain(..);
+    while let Some((request, reply)) = drain.next() {
+        run.flush_if_due();
+        if drain.len() > 0 && queues.sleepers.load(Ordering::Relaxed) > 0 {
+            let mut rest = queues.spare_vec();
+            rest.extend(drain.by_ref());
+            let n = rest.len();
+            let job = Job::Requests {
+                handler: handler.clone(),
+                requests: rest,
+            };
+            // Counted as waiting again, since the worker that takes them
+            // counts them taken.
+            queues.queued.fetch_add(n, Ordering::SeqCst);
+            match queues.requests.push(job) {
+                Ok(()) => queues.notify(),
+                // No room: run them here after all.
+                Err(Job::Requests { requests: rest, .. }) => {
+                    queues.queued.fetch_sub(n, Ordering::SeqCst);
+                    run_request(handler.as_ref(), request, reply);
+                    drop(run);
+                    run_requests(queues, handler, rest);
+                    break;
+                }
+                Err(_) => unreachable!("pushed a Job::Requests"),
+            }
+        }
+        run_request(handler.as_ref(), request, reply);
+    }
+    drop(drain);
+    let _ = queues.spare.push(requests);
+}
+
+/// Runs an ordered connection's requests one after another, for at most
+/// [`STRAND_TURN`] requests (or batches); a strand with more left goes to
+/// the back of the queue so that other connections get workers too.
+fn run_strand(shared: &Shared, strand: Arc<Strand>) {
+    let queues = &shared.workers;
+    // Other connections' strands wait: pass the wake on.
+    if !queues.strands.is_empty() {
+        queues.notify();
+    }
+    queues.enter_busy();
+    let mut run: Option<RepliesHeld> = None;
+    for _ in 0..STRAND_TURN {
+        let taken = {
+            let mut state = strand.state.lock();
+            if state.queue.is_empty() {
+                state.scheduled = false;
+                queues.leave_busy();
+                return;
+            }
+            if strand.batches {
+                Taken::Batch(state.queue.drain(..).collect())
+            } else {
+                let (request, reply) = state.queue.pop_front().expect("not empty");
+                Taken::One(request, reply)
+            }
+        };
+        let n = match &taken {
+            Taken::One(..) => 1,
+            Taken::Batch(requests) => requests.len(),
+        };
+        queues.took_requests(shared, n);
+        if queues.is_stopping() {
+            // Shutting down: dropped unanswered, as queued requests are.
+            continue;
+        }
+        match &mut run {
+            Some(run) => run.flush_if_due(),
+            None => {
+                let conn = match &taken {
+                    Taken::One(_, reply) => reply.conn(),
+                    Taken::Batch(requests) => requests[0].1.conn(),
+                };
+                run = Some(RepliesHeld::begin(conn.clone()));
+            }
+        }
+        match taken {
+            Taken::One(request, reply) => run_request(strand.handler.as_ref(), request, reply),
+            Taken::Batch(requests) => run_batch(strand.handler.as_ref(), requests),
+        }
+    }
+    queues.strands.push(strand);
+    queues.notify();
+    queues.leave_busy();
+}
+
+/// A worker's run of one connection's requests: replies made during it go
+/// back to the IO thread with one flush request when it ends (dropped), or
+/// every [`FLUSH_EVERY`] for slow handlers, rather than one per reply.
+struct RepliesHeld {
+    conn: Arc<Conn>,
+    since: Instant,
+}
+
+impl RepliesHeld {
+    fn begin(conn: Arc<Conn>) -> Self {
+        conn.begin_batch();
+        RepliesHeld {
+            conn,
+            since: Instant::now(),
+        }
+    }
+
+    /// Lets the replies held so far go if the run has lasted a while.
+    fn flush_if_due(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.since) >= FLUSH_EVERY {
+            self.conn.end_worker_batch();
+            self.conn.begin_batch();
+            self.since = now;
+        }
+    }
+}
+
+impl Drop for RepliesHeld {
+    fn drop(&mut self) {
+        self.conn.end_worker_batch();
+    }
+}
+
+/// The longest a worker holds a run's replies back.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Emptied request vectors kept for reuse.
+const SPARE_VECS: usize = 64;
+
+/// Requests (or batches) a worker runs from one strand before it lets
+/// other connections' strands go first.
+const STRAND_TURN: usize = 64;
 
 /// Spins briefly, then yields once, watching for work, if a core is spare
 /// for it. True if work came.
@@ -295,15 +642,35 @@ pub(crate) fn run_callback(ready: Ready) {
     }
 }
 
-fn run_job(job: Job) {
-    let Job {
-        handler,
-        request,
-        reply,
-    } = job;
+fn run_request(handler: &dyn RequestHandler, request: Packet, reply: ReplyTo) {
     let peer = reply.conn().peer();
     if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
         tracing::error!(%peer, "a request handler panicked");
+    }
+}
+
+fn run_job(job: Job) {
+    match job {
+        Job::One {
+            handler,
+            request,
+            reply,
+        } => run_request(handler.as_ref(), request, reply),
+        Job::Requests { handler, requests } => {
+            for (request, reply) in requests {
+                run_request(handler.as_ref(), request, reply);
+            }
+        }
+        Job::Batch { handler, requests } => run_batch(handler.as_ref(), requests),
+    }
+}
+
+fn run_batch(handler: &dyn RequestHandler, requests: Vec<(Packet, ReplyTo)>) {
+    let Some(peer) = requests.first().map(|(_, reply)| reply.conn().peer()) else {
+        return;
+    };
+    if catch_unwind(AssertUnwindSafe(|| handler.handle_batch(requests))).is_err() {
+        tracing::error!(%peer, "a batch handler panicked");
     }
 }
 

@@ -289,6 +289,8 @@ fn a_full_worker_queue_pauses_reading_and_drops_nothing() {
         assert_eq!(result.unwrap().body(), format!("{i}").as_bytes());
     }
     assert_eq!(handled.load(Ordering::SeqCst), n);
+    // Every request counted into the queue was counted out of it.
+    assert!(wait_until(WAIT_LIMIT, || server.stats().worker_queue == 0));
     stop(&client);
     stop(&server);
 }

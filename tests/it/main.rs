@@ -13,6 +13,7 @@ mod framing;
 mod half_close;
 mod handles;
 mod hostile;
+mod ordered;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
