@@ -477,7 +477,7 @@ impl Conn {
         self.batches.fetch_sub(1, Ordering::SeqCst);
         let flush = {
             let state = self.state.lock();
-            (state.out.len() > 0 || state.draining) && !matches!(state.status, Status::Closed(_))
+            (!state.out.is_empty() || state.draining) && !matches!(state.status, Status::Closed(_))
         };
         if flush {
             self.schedule_flush();
