@@ -618,3 +618,24 @@ fn a_client_hook_may_call_back_into_its_manager() {
     stop(&transport);
     stop(&server.transport);
 }
+
+#[test]
+fn a_hook_may_stop_its_own_transport() {
+    let transport = crate::support::transport();
+    let handle = Mutex::new(Some(transport.clone()));
+    let hook = move |_: &ConnectionHandle, event: ConnectionEvent| {
+        if event == ConnectionEvent::Connected {
+            if let Some(transport) = handle.lock().unwrap().take() {
+                transport.stop();
+            }
+        }
+    };
+    let addr = transport
+        .listen_with_options(loopback(), echo, ListenOptions::new().events(hook))
+        .unwrap();
+    let mut raw = raw_client(addr);
+    let waiting = transport.clone();
+    within("the transport stopped by its hook", move || waiting.wait());
+    assert!(transport.is_stopped());
+    assert!(closed_by_peer(&mut raw));
+}
