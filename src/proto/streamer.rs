@@ -455,6 +455,32 @@ mod tests {
     }
 
     #[test]
+    fn codec_calls_tbnets_streamer_directly_and_others_through_it() {
+        let flagged = DefaultStreamer::new().with_flag(7).with_max_body_len(10);
+        let codec = Codec::new(flagged);
+        assert!(matches!(codec, Codec::Tbnet(s) if s == flagged));
+        assert_eq!(codec.max_frame_len(), 10 + HEADER_LEN);
+
+        struct Panicky;
+        impl PacketStreamer for Panicky {
+            fn parse(&self, _src: &[u8]) -> Result<Parse, FrameError> {
+                panic!("a framing with a bug")
+            }
+            fn encode_header(&self, _packet: &Packet, _dst: &mut BytesMut) {}
+            fn max_body_len(&self) -> usize {
+                5
+            }
+        }
+        let codec = Codec::new(Panicky);
+        assert!(matches!(codec, Codec::Custom(_)));
+        assert_eq!(codec.max_frame_len(), 5 + HEADER_LEN);
+        assert_eq!(
+            codec.parse(b"x"),
+            Err(FrameError::Malformed("the framing panicked"))
+        );
+    }
+
+    #[test]
     fn default_limit_is_tbnets_64_mib() {
         let mut h = GOLDEN_HEADER;
         h[12..16].copy_from_slice(&0x0400_0000i32.to_be_bytes());
