@@ -413,18 +413,18 @@
 //! idle timeout and the OS's descriptor limit) and send valid requests as
 //! fast as TCP lets it, which the worker queue turns into back-pressure.
 //!
-//! **What runs where.** Only `tbnet-io` touches sockets. Connection event
-//! hooks run on `tbnet-events`; a client's default handler runs where its
-//! callbacks do. Server adaptors run
+//! **What runs where.** Only `tbnet-io` touches sockets. Server adaptors run
 //! on the workers, or on `tbnet-io` with [`Dispatch::IoThread`] (then they
 //! must not block). Client callbacks run on the workers by default: a slow
 //! callback delays other callbacks, never IO or timeouts. With
 //! [`TransportBuilder::callbacks`]`(Dispatch::IoThread)` they run inline on
 //! the thread that ended the request (faster, and then they must not
-//! block). Blocking waits and
+//! block). A client's default handler runs where its callbacks do.
+//! Connection event hooks run on `tbnet-events`, one at a time in event
+//! order, and may block or call back into the transport. Blocking waits and
 //! futures are woken from `tbnet-io` (responses, disconnects) or
-//! `tbnet-timer` (timeouts). A panicking handler or callback is caught and
-//! logged.
+//! `tbnet-timer` (timeouts). A panicking handler, callback or hook is
+//! caught and logged.
 //!
 //! **Faults.** A connection that closes, resets or fails to connect fails
 //! its pending requests with [`Error::Disconnected`] at once; the next
