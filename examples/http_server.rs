@@ -10,10 +10,11 @@
 //!
 //! `GET /` and `GET /hello` answer a greeting, `POST /echo` answers its
 //! body, anything else 404. Connections are kept alive (HTTP/1.1's
-//! default) until the client closes them. A request whose head is not
-//! HTTP gets `400 Bad Request` and its connection is closed; one whose head
-//! exceeds 8 KiB, or whose body exceeds 1 MiB, is closed at once. Prints
-//! `listening on ADDR` once ready and serves until killed.
+//! default) until the client closes them or sends `Connection: close`
+//! (then the server closes once the response is written). A request whose
+//! head is not HTTP gets `400 Bad Request` and its connection is closed;
+//! one whose head exceeds 8 KiB, or whose body exceeds 1 MiB, is closed at
+//! once. Prints `listening on ADDR` once ready and serves until killed.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -165,21 +166,27 @@ fn handle(request: Packet, responder: Responder) {
         .then(|| find(raw, b"\r\n\r\n"))
         .flatten()
         .and_then(|end| Some((head(&raw[..end])?, end + 4)));
+    let conn = responder.connection();
     let Some((head, body_at)) = parsed else {
-        // Answer, then close: the reply is written before the close is
-        // taken (both come from this handler, in this order).
-        let conn = responder.connection();
-        let _ = responder.reply(request.reply(response("400 Bad Request", b"bad request\n", true)));
-        conn.close();
+        let answer = response("400 Bad Request", b"bad request\n", true);
+        let _ = responder.reply(request.reply(answer));
+        // Closes once the answer is written (tbnet's setWriteFinishClose).
+        conn.close_when_written();
         return;
     };
+    let close = head
+        .header("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
     let body = &raw[body_at..];
     let answer = match (head.method, head.target) {
-        ("GET", "/") | ("GET", "/hello") => response("200 OK", b"hello from tbnet\n", false),
-        ("POST", "/echo") => response("200 OK", body, false),
-        _ => response("404 Not Found", b"not found\n", false),
+        ("GET", "/") | ("GET", "/hello") => response("200 OK", b"hello from tbnet\n", close),
+        ("POST", "/echo") => response("200 OK", body, close),
+        _ => response("404 Not Found", b"not found\n", close),
     };
     let _ = responder.reply(request.reply(answer));
+    if close {
+        conn.close_when_written();
+    }
 }
 
 fn main() -> ExitCode {

@@ -372,7 +372,7 @@
 //! | `HttpPacketStreamer` status pages | [`TransportBuilder::status_page`] |
 //! | `IPacketStreamer` per listener / connection, `existPacketHeader = false` | [`ListenOptions::streamer`], [`ConnectionManager::with_streamer`]; a streamer whose header is empty |
 //! | `IServerAdaptor` connection callbacks, `DisconnPacket`; DSTORE `on_connect`/`on_close` | [`ConnectionEvents`], [`CloseReason`] |
-//! | server-side `Connection` (`postPacket`, `getPeerId`, `close`) | [`ConnectionHandle`] ([`Responder::connection`]) |
+//! | server-side `Connection` (`postPacket`, `getPeerId`, `close`, `setWriteFinishClose`) | [`ConnectionHandle`] ([`Responder::connection`]; [`ConnectionHandle::close_when_written`]) |
 //! | `ConnectionManager::setDefaultPacketHandler` | [`ConnectionManager::set_default_handler`] (only for packets the server sent on its own; late responses are counted, as before) |
 //! | (no equivalent) typed messages and dispatch by `pcode` | [`Message`], [`Router`] |
 //! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |

@@ -237,6 +237,19 @@ impl ConnectionHandle {
         }
     }
 
+    /// Closes the connection once everything queued on it so far is
+    /// written (tbnet's `setWriteFinishClose`): a last reply, say, followed
+    /// by the close. Nothing more is read from it meanwhile; requests
+    /// pending on it fail with [`Error::Disconnected`] when it closes, and
+    /// the close hook hears [`CloseReason::Local`]. A peer that does not
+    /// read is still bounded by the idle timeout (server side). Does
+    /// nothing if it closed already.
+    pub fn close_when_written(&self) {
+        if !self.conn.is_closed() {
+            (self.conn.shared).command(Command::CloseWhenWritten(self.conn.clone()));
+        }
+    }
+
     /// Sends `packet` one-way.
     ///
     /// On a server connection it carries channel id 0: the client expects

@@ -224,6 +224,10 @@ impl IoLoop {
                     self.timeout(token);
                 }
             }
+            Command::CloseWhenWritten(conn) => match self.token_of(&conn) {
+                Some(token) => self.close_when_written(token),
+                None => drop(conn.close(Error::Disconnected)),
+            },
             // Shutting down reads no more requests.
             Command::ResumeReading if stopping => {}
             Command::ResumeReading => self.resume(),
@@ -362,6 +366,23 @@ impl IoLoop {
         let old = c.timer.take().and_then(|key| shared.timer.remove(key));
         c.timer = shared.timer.insert(at, Kind::Connection, c.conn.clone());
         drop(old);
+    }
+
+    /// Takes what is queued on the connection, stops its reading, and
+    /// writes: `write` closes it once everything is out.
+    fn close_when_written(&mut self, token: usize) {
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        if c.state.phase() == Phase::Connecting {
+            // Nothing was written yet, nor can be.
+            self.close_because(token, EventReason::Local, Error::Disconnected);
+            return;
+        }
+        let answered = c.conn.take_output(c.state.out());
+        c.state.set_answered(answered);
+        c.state.close_when_written();
+        self.write(token);
     }
 
     /// Something may be due on the connection: closes it, or re-arms.

@@ -60,6 +60,8 @@ pub(crate) enum Command {
     Connect(Arc<Conn>),
     Flush(Arc<Conn>),
     Close(Arc<Conn>, Error),
+    /// Close once what is queued is written.
+    CloseWhenWritten(Arc<Conn>),
     /// The connection's deadline came: its state machine decides what is due.
     Timeout(Arc<Conn>),
     ResumeReading,
@@ -150,6 +152,7 @@ impl Shared {
                 Command::Connect(conn)
                 | Command::Flush(conn)
                 | Command::Close(conn, _)
+                | Command::CloseWhenWritten(conn)
                 | Command::Timeout(conn) => drop(conn.close(Error::Shutdown)),
                 Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
             }

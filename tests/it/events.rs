@@ -639,3 +639,37 @@ fn a_hook_may_stop_its_own_transport() {
     assert!(transport.is_stopped());
     assert!(closed_by_peer(&mut raw));
 }
+
+#[test]
+fn close_when_written_sends_everything_queued_then_closes() {
+    // A last reply far larger than the socket buffers, then the close.
+    const LAST: usize = 4 << 20;
+    let events = Events::default();
+    let transport = crate::support::transport();
+    let addr = transport
+        .listen_with_options(
+            loopback(),
+            |request: Packet, responder: Responder| {
+                let conn = responder.connection();
+                let _ = responder.reply(request.reply(vec![7u8; LAST]));
+                conn.close_when_written();
+            },
+            ListenOptions::new().events(events.hook()),
+        )
+        .unwrap();
+    let mut raw = raw_client(addr);
+    send_bytes(&mut raw, &frame(3, 1, b"last"));
+    let reply = read_frame(&mut raw).unwrap();
+    assert_eq!(reply.chid, 3);
+    assert_eq!(reply.body.len(), LAST);
+    assert!(reply.body.iter().all(|&b| b == 7));
+    assert!(closed_by_peer(&mut raw));
+    assert_eq!(
+        events.wait(2),
+        [
+            ConnectionEvent::Connected,
+            ConnectionEvent::Closed(CloseReason::Local)
+        ]
+    );
+    stop(&transport);
+}

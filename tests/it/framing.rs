@@ -288,9 +288,15 @@ fn http_server_example_keeps_alive_and_refuses_malformed_requests() {
     let _ = endless.write_all(&[b'a'; 9000]);
     assert!(closed_by_peer(&mut endless));
 
-    // The first connection is still served.
-    client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    assert!(read_response(&mut client).0.starts_with("HTTP/1.1 200"));
+    // The first connection is still served; it asks to be closed after.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_response(&mut client);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("Connection: close"));
+    assert_eq!(body, b"hello from tbnet\n");
+    assert!(closed_by_peer(&mut client));
 
     server.kill().unwrap();
     server.wait().unwrap();
