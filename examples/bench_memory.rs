@@ -215,6 +215,135 @@ fn allocations_per_request(dispatch: Dispatch, requests: usize, size: usize) {
     transport.stop();
 }
 
+/// Polls `future` on this thread, parking between polls: no runtime, and
+/// no allocation per call (the waker is made once per thread).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    thread_local! {
+        static WAKER: Waker = Waker::from(Arc::new(Unpark(thread::current())));
+    }
+    let mut future = std::pin::pin!(future);
+    WAKER.with(|waker| {
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+            thread::park();
+        }
+    })
+}
+
+/// Heap allocations per request on the client's steady-state path, in
+/// each way of waiting: a `ConnectionManager` with `depth` requests in
+/// flight against an IO-thread server in the same process (which
+/// allocates next to nothing per request: see the server rows).
+fn client_allocations_per_request(requests: usize) {
+    let (server, addr) = server(Dispatch::IoThread);
+    for (name, callbacks) in [
+        ("callback on workers", Dispatch::Workers),
+        ("callback inline", Dispatch::IoThread),
+    ] {
+        let client = Transport::builder().callbacks(callbacks).start().unwrap();
+        let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(1024));
+        let body = bytes::Bytes::from(vec![b'x'; 64]);
+        let run = |n: usize| {
+            let done = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+            let depth = 32;
+            let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            fn next(
+                manager: Arc<ConnectionManager>,
+                addr: SocketAddr,
+                body: bytes::Bytes,
+                sent: Arc<std::sync::atomic::AtomicUsize>,
+                done: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+                n: usize,
+            ) {
+                if sent.fetch_add(1, Ordering::Relaxed) >= n {
+                    *done.0.lock().unwrap() += 1;
+                    done.1.notify_all();
+                    return;
+                }
+                let m = manager.clone();
+                let b = body.clone();
+                manager
+                    .send(
+                        addr,
+                        Packet::new(1, body),
+                        None,
+                        move |r: Result<Packet, tbnet::Error>| {
+                            r.expect("an answer");
+                            next(m, addr, b, sent, done, n);
+                        },
+                    )
+                    .expect("queued");
+            }
+            for _ in 0..depth {
+                next(
+                    manager.clone(),
+                    addr,
+                    body.clone(),
+                    sent.clone(),
+                    done.clone(),
+                    n,
+                );
+            }
+            let mut finished = done.0.lock().unwrap();
+            while *finished < depth {
+                finished = done.1.wait(finished).unwrap();
+            }
+        };
+        run(20_000);
+        let before = measure();
+        run(requests);
+        let after = measure();
+        println!(
+            "client allocations per request ({name}, 64 B bodies, depth 32): {:.3} ({} allocations for {} requests)",
+            (after.allocations - before.allocations) as f64 / requests as f64,
+            after.allocations - before.allocations,
+            requests
+        );
+        client.stop();
+    }
+    for (name, future) in [("call", false), ("future", true)] {
+        let client = Transport::builder().start().unwrap();
+        let manager = ConnectionManager::new(&client);
+        let body = bytes::Bytes::from(vec![b'x'; 64]);
+        let one = |manager: &ConnectionManager| {
+            let request = Packet::new(1, body.clone());
+            if future {
+                let f = manager.call_async(addr, request, None).expect("queued");
+                block_on(f).expect("an answer");
+            } else {
+                manager.call(addr, request, None).expect("an answer");
+            }
+        };
+        for _ in 0..2_000 {
+            one(&manager);
+        }
+        let n = requests / 10;
+        let before = measure();
+        for _ in 0..n {
+            one(&manager);
+        }
+        let after = measure();
+        println!(
+            "client allocations per request ({name}, 64 B bodies, depth 1): {:.3} ({} allocations for {} requests)",
+            (after.allocations - before.allocations) as f64 / n as f64,
+            after.allocations - before.allocations,
+            n
+        );
+        client.stop();
+    }
+    server.stop();
+}
+
 fn main() {
     let _profiler = dhat::Profiler::builder().testing().build();
     let mut conns = 5000;
@@ -239,6 +368,7 @@ fn main() {
     allocations_per_request(Dispatch::IoThread, requests, 64);
     allocations_per_request(Dispatch::Workers, requests, 64);
     allocations_per_request(Dispatch::IoThread, requests / 10, 4096);
+    client_allocations_per_request(requests);
     idle_connections(conns);
     pending_requests(pending);
 }

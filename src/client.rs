@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::completion::{
-    clamp_wait, CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject,
+    clamp_wait, CallWait, CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject,
 };
 use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
@@ -410,15 +410,11 @@ impl ConnectionManager {
         request: Packet,
         timeout: Option<Duration>,
     ) -> Result<Packet, Error> {
-        let mut wait = WaitObject::new();
-        let completion = wait.completion();
+        let (wait, completion) = CallWait::new();
         self.submit(server.into(), request, timeout, completion)
             .map_err(SendError::into_parts)
             .map_err(|(error, _)| error)?;
-        match wait.wait_any() {
-            Some((_, result)) => result,
-            None => Err(Error::Shutdown),
-        }
+        wait.wait()
     }
 
     /// Sends `request`; `handler` runs once with the outcome. By default it

@@ -70,6 +70,7 @@ enum Kind {
         index: usize,
     },
     Future(Arc<FutureShared>),
+    Call(Arc<CallSlot>),
 }
 
 impl Completion {
@@ -115,6 +116,7 @@ impl fmt::Debug for Completion {
             Some(Kind::Callback(_)) => "callback",
             Some(Kind::Wait { .. }) => "wait",
             Some(Kind::Future(_)) => "future",
+            Some(Kind::Call(_)) => "call",
             None => "fired",
         };
         f.debug_tuple("Completion").field(&kind).finish()
@@ -127,6 +129,7 @@ impl Kind {
             Kind::Callback(handler) => handler.handle_packet(result),
             Kind::Wait { shared, index } => shared.fire(index, result),
             Kind::Future(shared) => shared.fire(result),
+            Kind::Call(slot) => slot.fire(result),
         }
     }
 }
@@ -421,6 +424,75 @@ impl Drop for WaitObject {
                 handle.cancel();
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One blocking call
+
+/// The slot one blocking [`call`](crate::ConnectionManager::call) waits on.
+/// A thread keeps its slot between calls (when nothing else holds it any
+/// more), so a call allocates nothing for its wait.
+pub(crate) struct CallSlot {
+    result: Mutex<Option<Result<Packet, Error>>>,
+    ready: Condvar,
+}
+
+#[cfg(not(loom))]
+thread_local! {
+    static CALL_SLOT: std::cell::RefCell<Option<Arc<CallSlot>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl CallSlot {
+    fn fire(&self, result: Result<Packet, Error>) {
+        *self.result.lock() = Some(result);
+        self.ready.notify_one();
+    }
+}
+
+/// The waiting end of a blocking call.
+pub(crate) struct CallWait {
+    slot: Arc<CallSlot>,
+}
+
+impl CallWait {
+    /// A waiting end and the completion that ends its wait.
+    pub(crate) fn new() -> (CallWait, Completion) {
+        #[cfg(not(loom))]
+        let cached = CALL_SLOT.with(|cell| cell.borrow_mut().take());
+        #[cfg(loom)]
+        let cached = None;
+        let slot = cached.unwrap_or_else(|| {
+            Arc::new(CallSlot {
+                result: Mutex::new(None),
+                ready: Condvar::new(),
+            })
+        });
+        let completion = Completion {
+            kind: Some(Kind::Call(slot.clone())),
+        };
+        (CallWait { slot }, completion)
+    }
+
+    /// Blocks until the outcome arrives (it always does: see [`Completion`]).
+    pub(crate) fn wait(self) -> Result<Packet, Error> {
+        let result = {
+            let mut result = self.slot.result.lock();
+            loop {
+                if let Some(outcome) = result.take() {
+                    break outcome;
+                }
+                result = self.slot.ready.wait(result);
+            }
+        };
+        // Kept for this thread's next call only if the completion is gone
+        // (it may still be dropping its reference after firing).
+        #[cfg(not(loom))]
+        if Arc::strong_count(&self.slot) == 1 {
+            CALL_SLOT.with(|cell| *cell.borrow_mut() = Some(self.slot));
+        }
+        result
     }
 }
 

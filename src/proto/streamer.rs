@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use crate::packet::{ChannelId, Packet, PacketCode};
 
@@ -261,11 +261,14 @@ impl PacketStreamer for DefaultStreamer {
         // A body longer than `max_body_len` (at most i32::MAX) is refused by
         // the transport before it reaches the streamer.
         let len = i32::try_from(packet.body().len()).unwrap_or(i32::MAX);
-        dst.reserve(HEADER_LEN);
-        dst.put_u32(self.flag);
-        dst.put_u32(packet.channel_id().get());
-        dst.put_i32(packet.pcode().get());
-        dst.put_i32(len);
+        // Built on the stack and appended once: one capacity check, not
+        // four (this runs for every frame sent).
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&self.flag.to_be_bytes());
+        header[4..8].copy_from_slice(&packet.channel_id().get().to_be_bytes());
+        header[8..12].copy_from_slice(&packet.pcode().get().to_be_bytes());
+        header[12..16].copy_from_slice(&len.to_be_bytes());
+        dst.extend_from_slice(&header);
     }
 }
 

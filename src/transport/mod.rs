@@ -164,29 +164,35 @@ impl Shared {
     /// unless the builder asked for them inline. The workers are woken once
     /// for all the callbacks of the batch.
     pub(crate) fn deliver_all(&self, readies: impl Iterator<Item = Ready>) {
-        let mut queued = false;
+        // The callbacks for the workers go as one batch: one queue
+        // operation, and a vector from the pool (no allocation).
+        let mut batch: Option<Vec<Ready>> = None;
         for ready in readies {
-            queued |= self.deliver_quietly(ready);
+            if let Some(ready) = self.fire_here(ready) {
+                batch
+                    .get_or_insert_with(|| self.workers.spare_callbacks())
+                    .push(ready);
+            }
         }
-        if queued {
+        if let Some(batch) = batch {
+            self.workers.push_callbacks(batch);
             self.workers_take_callbacks();
         }
     }
 
-    /// Fires `ready`, or queues its callback for the workers without waking
-    /// them (true then: the caller wakes them).
-    fn deliver_quietly(&self, ready: Ready) -> bool {
+    /// Fires `ready` on this thread if it wakes a waiter or its callback
+    /// runs inline; otherwise hands it back for the workers.
+    fn fire_here(&self, ready: Ready) -> Option<Ready> {
         if !ready.is_callback() {
             ready.fire();
-            return false;
+            return None;
         }
         let inline = self.config.callbacks == Dispatch::IoThread && role::is(role::IO, self);
         if inline || self.lifecycle.is_stopped() {
             workers::run_callback(ready);
-            return false;
+            return None;
         }
-        self.workers.push_callback(ready);
-        true
+        Some(ready)
     }
 
     /// Callbacks were queued: wakes a worker, or runs them here if the

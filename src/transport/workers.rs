@@ -127,7 +127,10 @@ pub(crate) struct WorkQueues {
     /// taken whole while there is room, so one pass may go over.
     queued: AtomicUsize,
     limit: usize,
-    callbacks: SegQueue<Ready>,
+    /// Callbacks, a batch (the responses one read completed) at a time.
+    callbacks: SegQueue<Vec<Ready>>,
+    /// Emptied callback vectors, for the next batch.
+    spare_callbacks: ArrayQueue<Vec<Ready>>,
     /// Callbacks queued and not yet run, and how many may be.
     callbacks_queued: AtomicUsize,
     callback_limit: usize,
@@ -154,6 +157,7 @@ impl WorkQueues {
             queued: AtomicUsize::new(0),
             limit: capacity.max(1),
             callbacks: SegQueue::new(),
+            spare_callbacks: ArrayQueue::new(SPARE_VECS),
             callbacks_queued: AtomicUsize::new(0),
             callback_limit,
             sleepers: AtomicUsize::new(0),
@@ -263,11 +267,27 @@ impl WorkQueues {
         self.spare.pop().unwrap_or_default()
     }
 
-    /// Queues a callback; the caller wakes the workers with
-    /// [`notify`](Self::notify) once per batch.
+    /// Queues a batch of callbacks (not empty), run in order unless a
+    /// worker is idle to share them; the caller wakes the workers with
+    /// [`notify`](Self::notify).
+    pub(crate) fn push_callbacks(&self, batch: Vec<Ready>) {
+        self.callbacks_queued
+            .fetch_add(batch.len(), Ordering::Relaxed);
+        self.callbacks.push(batch);
+    }
+
+    /// Queues one callback; as [`push_callbacks`](Self::push_callbacks).
+    #[cfg(loom)]
     pub(crate) fn push_callback(&self, ready: Ready) {
-        self.callbacks_queued.fetch_add(1, Ordering::Relaxed);
-        self.callbacks.push(ready);
+        let mut batch = self.spare_callbacks();
+        batch.push(ready);
+        self.push_callbacks(batch);
+    }
+
+    /// An empty vector for a batch of callbacks (one a worker emptied, if
+    /// any).
+    pub(crate) fn spare_callbacks(&self) -> Vec<Ready> {
+        self.spare_callbacks.pop().unwrap_or_default()
     }
 
     /// Whether as many callbacks wait as the limit allows: new requests with
@@ -277,10 +297,11 @@ impl WorkQueues {
         self.callbacks_queued.load(Ordering::Relaxed) >= self.callback_limit
     }
 
-    fn pop_callback(&self) -> Option<Ready> {
-        let ready = self.callbacks.pop()?;
-        self.callbacks_queued.fetch_sub(1, Ordering::Relaxed);
-        Some(ready)
+    fn pop_callbacks(&self) -> Option<Vec<Ready>> {
+        let batch = self.callbacks.pop()?;
+        self.callbacks_queued
+            .fetch_sub(batch.len(), Ordering::Relaxed);
+        Some(batch)
     }
 
     pub(crate) fn enter_busy(&self) {
@@ -345,8 +366,10 @@ impl WorkQueues {
     /// Runs callbacks still queued (on the calling thread). Used when the
     /// workers are gone.
     pub(crate) fn drain_callbacks(&self) {
-        while let Some(ready) = self.pop_callback() {
-            run_callback(ready);
+        while let Some(batch) = self.pop_callbacks() {
+            for ready in batch {
+                run_callback(ready);
+            }
         }
     }
 }
@@ -416,15 +439,28 @@ fn work(shared: &Shared) {
 
 fn run_one_callback(shared: &Shared) -> bool {
     let queues = &shared.workers;
-    let Some(ready) = queues.pop_callback() else {
+    let Some(mut batch) = queues.pop_callbacks() else {
         return false;
     };
     // Woken once per batch, a worker passes the wake on while more wait
-    // (as for requests), so a slow callback holds up only itself.
+    // (as for requests).
     if !queues.callbacks.is_empty() {
         queues.notify();
     }
-    run_callback(ready);
+    let mut drain = batch.drain(..);
+    while let Some(ready) = drain.next() {
+        // A worker is idle: it takes the rest, so a slow callback holds up
+        // only itself.
+        if drain.len() > 0 && queues.sleepers.load(Ordering::Relaxed) > 0 {
+            let mut rest = queues.spare_callbacks();
+            rest.extend(drain.by_ref());
+            queues.push_callbacks(rest);
+            queues.notify();
+        }
+        run_callback(ready);
+    }
+    drop(drain);
+    let _ = queues.spare_callbacks.push(batch);
     true
 }
 
