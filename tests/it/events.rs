@@ -673,3 +673,67 @@ fn close_when_written_sends_everything_queued_then_closes() {
     );
     stop(&transport);
 }
+
+#[test]
+fn many_connections_each_hear_one_connect_then_one_close() {
+    const CONNS: usize = 32;
+    let events = Events::default();
+    let (transport, addr) = server_with(Transport::builder(), &events);
+    let clients: Vec<_> = (0..CONNS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut raw = raw_client(addr);
+                let body = i.to_string();
+                send_bytes(&mut raw, &frame(1, 1, body.as_bytes()));
+                assert_eq!(read_frame(&mut raw).unwrap().body, body.as_bytes());
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    events.wait(2 * CONNS);
+    stop(&transport);
+    let mut by_conn = std::collections::BTreeMap::<u64, Vec<ConnectionEvent>>::new();
+    for (id, event) in events.all() {
+        by_conn.entry(id).or_default().push(event);
+    }
+    assert_eq!(by_conn.len(), CONNS);
+    for (id, heard) in by_conn {
+        assert_eq!(
+            heard,
+            [
+                ConnectionEvent::Connected,
+                ConnectionEvent::Closed(CloseReason::PeerClosed)
+            ],
+            "connection {id}"
+        );
+    }
+}
+
+#[test]
+fn a_server_request_pending_at_shutdown_ends_with_shutdown() {
+    let transport = crate::support::transport();
+    let (pending_tx, pending_rx) = std::sync::mpsc::channel();
+    let pending_tx = Mutex::new(pending_tx);
+    let addr = transport
+        .listen(loopback(), move |request: Packet, responder: Responder| {
+            let conn = responder.connection();
+            let _ = responder.reply(request.reply("ok"));
+            // Nobody on the client side answers it.
+            let future = conn.call_async(Packet::new(2, "?"), Some(NEVER)).unwrap();
+            let _ = pending_tx.lock().unwrap().send(future);
+        })
+        .unwrap();
+    let mut raw = raw_client(addr);
+    send_bytes(&mut raw, &frame(1, 1, b"x"));
+    assert_eq!(read_frame(&mut raw).unwrap().body, b"ok");
+    let future = pending_rx.recv_timeout(WAIT_LIMIT).unwrap();
+    assert_eq!(transport.stats().pending, 1);
+    stop(&transport);
+    let outcome = within("the server's request", move || {
+        futures_lite_block_on(future)
+    });
+    assert!(matches!(outcome, Err(Error::Shutdown)), "{outcome:?}");
+    assert_eq!(transport.stats().pending, 0);
+}
