@@ -338,8 +338,15 @@ impl TransportBuilder {
         self
     }
 
-    /// The frame format (default [`DefaultStreamer`](crate::proto::DefaultStreamer): tbnet's, 64 MiB body
-    /// limit).
+    /// The frame format (default
+    /// [`DefaultStreamer`](crate::proto::DefaultStreamer): tbnet's, 64 MiB
+    /// body limit). A listener
+    /// ([`ListenOptions::streamer`](crate::ListenOptions::streamer)) or a
+    /// manager
+    /// ([`ConnectionManager::with_streamer`](crate::ConnectionManager::with_streamer))
+    /// may use another for its own connections. tbnet's streamer (with any
+    /// flag and limit) is called directly; another costs one virtual call
+    /// per frame.
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
         self.streamer = Codec::new(streamer);
         self
