@@ -146,12 +146,9 @@ fn dispatch(c: &mut Criterion) {
             .start()
             .unwrap();
         let addr = server
-            .listen(
-                "127.0.0.1:0".parse().unwrap(),
-                |req: Packet, resp: Responder| {
-                    let _ = resp.reply(req.reply(req.body().clone()));
-                },
-            )
+            .listen("127.0.0.1:0", |req: Packet, resp: Responder| {
+                let _ = resp.reply(req.reply(req.body().clone()));
+            })
             .unwrap();
         let client = Transport::builder().workers(1).start().unwrap();
         let manager = ConnectionManager::new(&client);

@@ -506,9 +506,7 @@ fn tbnet_server(dispatch: Dispatch) -> (Transport, SocketAddr) {
         .dispatch(dispatch)
         .start()
         .expect("start a server transport");
-    let addr = transport
-        .listen("127.0.0.1:0".parse().expect("address"), echo)
-        .expect("listen");
+    let addr = transport.listen("127.0.0.1:0", echo).expect("listen");
     (transport, addr)
 }
 

@@ -78,9 +78,7 @@ fn server(dispatch: Dispatch) -> (Transport, SocketAddr) {
         .dispatch(dispatch)
         .start()
         .expect("server transport");
-    let addr = t
-        .listen("127.0.0.1:0".parse().unwrap(), echo)
-        .expect("listen");
+    let addr = t.listen("127.0.0.1:0", echo).expect("listen");
     (t, addr)
 }
 

@@ -5,15 +5,25 @@
 //! cargo run --release --example echo_client
 //! # against a running server
 //! cargo run --release --example echo_client -- --addr 127.0.0.1:8765 --conns 4 --depth 32
+//! # against C++ tbnet's echo server
+//! cargo run --release --example echo_client -- --addr tcp:127.0.0.1:8765 --ascii --size 1988
 //! ```
 //!
-//! Flags: `--addr HOST:PORT` (absent: embedded server), `--conns N`
-//! connections, `--depth D` requests in flight per connection, `--size BYTES`
-//! per body, `--secs S` to run, `--mode call|callback|future`, `--json` for
-//! one JSON line (`rps`, `p50_us`, `p99_us`, `errors`, `mismatches`, ...)
+//! Flags: `--addr HOST:PORT` or `tcp:HOST:PORT` (absent: embedded server),
+//! `--conns N` connections, `--depth D` requests in flight per connection,
+//! `--size BYTES` per body, `--secs S` to run, `--mode
+//! call|callback|future`, `--ascii` for C-string bodies, `--json` for one
+//! JSON line (`rps`, `p50_us`, `p99_us`, `errors`, `mismatches`, ...)
 //! instead of the summary. Progress goes to stderr once a second. Every
-//! response body is compared byte for byte with its request's. Exits 1 if
-//! any request failed or came back altered.
+//! response body is compared byte for byte with its request's (with
+//! `--ascii`, as a string). Exits 1 if any request failed or came back
+//! altered.
+//!
+//! `--ascii` drives a C++ tbnet echo server, which treats a body as a
+//! NUL-terminated string and answers with packet code 0 and that string:
+//! bodies are `--size` bytes (24 to 4096) of printable ASCII ending in a
+//! NUL, and a reply counts as an echo when its string (up to any NUL) is
+//! the request's, whatever its packet code.
 
 #[path = "common/load.rs"]
 mod load;
@@ -27,14 +37,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use load::{Bodies, Mode, Progress, Run};
-use tbnet::{ConnectionManager, Dispatch, Packet, Responder, Transport};
+use tbnet::{ConnectionManager, Dispatch, Packet, Responder, ToEndpoint, Transport};
 
 /// tbnet echo client: drives an echo server and checks every answer.
 #[derive(Parser, Clone, Debug)]
 #[command(version)]
 struct Args {
-    /// Server to drive; absent, an embedded echo server on 127.0.0.1:0.
-    #[arg(long)]
+    /// Server to drive, `HOST:PORT` or tbnet's `tcp:HOST:PORT`; absent, an
+    /// embedded echo server on 127.0.0.1:0.
+    #[arg(long, value_parser = endpoint)]
     addr: Option<SocketAddr>,
     /// Connections (one `ConnectionManager` each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -51,9 +62,19 @@ struct Args {
     /// How to wait for answers.
     #[arg(long, value_enum, default_value_t = Mode::Call)]
     mode: Mode,
+    /// Bodies of printable ASCII ending in a NUL (24 to 4096 bytes), checked
+    /// as strings: for C++ tbnet's echo server, which answers with packet
+    /// code 0 and the request's string.
+    #[arg(long)]
+    ascii: bool,
     /// Print one JSON line (`rps`, `p50_us`, `p99_us`, `errors`, `mismatches`, ...) instead of the summary.
     #[arg(long)]
     json: bool,
+}
+
+/// `HOST:PORT` or `tcp:HOST:PORT`, resolved once.
+fn endpoint(s: &str) -> Result<SocketAddr, String> {
+    s.to_endpoint().map_err(|e| e.to_string())
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -69,6 +90,15 @@ fn echo(request: Packet, responder: Responder) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.ascii && !load::ASCII_SIZES.contains(&args.size) {
+        eprintln!(
+            "echo_client: --ascii bodies are {} to {} bytes (their NUL included), not {}",
+            load::ASCII_SIZES.start(),
+            load::ASCII_SIZES.end(),
+            args.size
+        );
+        return ExitCode::from(2);
+    }
     let (conns, depth) = (args.conns as usize, args.depth as usize);
     // The embedded server gets its own transport, as a separate process would.
     let embedded = if args.addr.is_none() {
@@ -76,10 +106,7 @@ fn main() -> ExitCode {
             .dispatch(Dispatch::IoThread)
             .workers(1)
             .start();
-        match server.and_then(|t| {
-            t.listen("127.0.0.1:0".parse().expect("valid address"), echo)
-                .map(|a| (t, a))
-        }) {
+        match server.and_then(|t| t.listen("127.0.0.1:0", echo).map(|a| (t, a))) {
             Ok(pair) => Some(pair),
             Err(e) => {
                 eprintln!("echo_client: cannot start the embedded server: {e}");
@@ -110,7 +137,11 @@ fn main() -> ExitCode {
     let run = Arc::new(Run {
         managers,
         addr,
-        bodies: Bodies::new(args.size),
+        bodies: if args.ascii {
+            Bodies::ascii(args.size)
+        } else {
+            Bodies::new(args.size)
+        },
         deadline: started + Duration::from_secs_f64(args.secs),
         progress: Progress::default(),
         seq: AtomicU64::new(1),

@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example echo_server -- --addr 127.0.0.1:8765 --workers 0
+//! cargo run --release --example echo_server -- --addr tcp:127.0.0.1:8765
 //! ```
 //!
 //! `--workers N` handles requests on N worker threads; `--workers 0` (the
@@ -16,14 +17,14 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tbnet::{Dispatch, Packet, Responder, Transport};
+use tbnet::{Dispatch, Packet, Responder, ToEndpoint, Transport};
 
 /// tbnet echo server: answers every request with its own packet code and body.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8765")]
+    /// Address to listen on, `HOST:PORT` or tbnet's `tcp:HOST:PORT`.
+    #[arg(long, default_value = "127.0.0.1:8765", value_parser = endpoint)]
     addr: SocketAddr,
     /// Worker threads that handle requests; 0 handles them on the IO thread.
     #[arg(long, default_value_t = 0)]
@@ -40,6 +41,11 @@ struct Args {
     /// Log each request's life at debug level (to stderr).
     #[arg(short, long)]
     verbose: bool,
+}
+
+/// `HOST:PORT` or `tcp:HOST:PORT`, resolved once.
+fn endpoint(s: &str) -> Result<SocketAddr, String> {
+    s.to_endpoint().map_err(|e| e.to_string())
 }
 
 fn echo(request: Packet, responder: Responder) {

@@ -195,8 +195,9 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Server to use; absent, an embedded kv server on 127.0.0.1:0.
-    #[arg(long)]
+    /// Server to use, `HOST:PORT` or tbnet's `tcp:HOST:PORT`; absent, an
+    /// embedded kv server on 127.0.0.1:0.
+    #[arg(long, value_parser = kv::endpoint)]
     addr: Option<SocketAddr>,
     /// Keys to store, read back and scan.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]

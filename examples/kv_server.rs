@@ -23,8 +23,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8766")]
+    /// Address to listen on, `HOST:PORT` or tbnet's `tcp:HOST:PORT`.
+    #[arg(long, default_value = "127.0.0.1:8766", value_parser = kv::endpoint)]
     addr: SocketAddr,
     /// Worker threads that handle requests.
     #[arg(long, default_value_t = 4)]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::completion::{
     clamp_wait, CallWait, CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject,
 };
+use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
@@ -27,18 +28,28 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 256;
 /// Default request timeout (tbnet's per-connection queue timeout).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 
-/// What requests to a server do while its connection is down and the next
-/// reconnect attempt is still in its backoff delay.
+/// What requests to a server do while its connection is down: whether the
+/// manager reconnects by itself, and what happens to requests while the
+/// next reconnect attempt is still in its backoff delay.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WhileDown {
-    /// Fail at once with [`Error::Disconnected`] (the default).
+    /// Reconnect on the next request; during a backoff delay fail at once
+    /// with [`Error::Disconnected`] (the default).
     #[default]
     FailFast,
-    /// Queue on the next connection (up to the queue limit); it connects
-    /// when the backoff delay ends, and each request's own timeout still
-    /// applies.
+    /// Reconnect when the backoff delay ends; meanwhile queue on the next
+    /// connection (up to the queue limit), each request's own timeout still
+    /// applying.
     Queue,
+    /// Never reconnect by itself (tbnet's `autoReconn = false`): once a
+    /// server's connection closed (lost, or
+    /// [`disconnect`](ConnectionManager::disconnect)ed), requests to it fail
+    /// at once with [`Error::Disconnected`] until
+    /// [`connect`](ConnectionManager::connect) opens a new one. The first
+    /// request to a server the manager never connected to still opens its
+    /// connection.
+    StayDown,
 }
 
 /// Exponential backoff with jitter between reconnect attempts.
@@ -131,11 +142,20 @@ pub struct ServerStats {
     /// Early failures since the last healthy connection: what the current
     /// backoff delay is computed from.
     pub failures_in_a_row: u32,
+    /// Submissions blocked now waiting for room in the connection's queue
+    /// ([`ConnectionManager::with_queue_wait`]) or for it to connect
+    /// ([`ConnectionManager::connect`]).
+    pub waiting: u64,
 }
 
-/// One server's connection and its reconnect bookkeeping.
+/// One server's connection, its settings and its reconnect bookkeeping.
 struct ServerSlot {
-    conn: Arc<Conn>,
+    /// `None` until the first connection opens.
+    conn: Option<Arc<Conn>>,
+    /// Requests pending at most on its connection.
+    queue_limit: usize,
+    /// The timeout of requests that pass `None`.
+    default_timeout: Duration,
     /// Failed connect attempts in a row.
     failures: u32,
     /// No new connection before this (backoff).
@@ -196,7 +216,7 @@ impl TryFrom<SocketAddr> for ServerId {
 /// One connection per server address carries every request to it, so
 /// requests from many threads share it. A connection that closes fails its
 /// pending requests with [`Error::Disconnected`]; the next request to that
-/// server opens a new one.
+/// server opens a new one (unless [`WhileDown::StayDown`]).
 ///
 /// Outcomes reach the caller one of four ways: [`call`](Self::call) blocks,
 /// [`send`](Self::send) runs a callback on a worker thread,
@@ -204,12 +224,25 @@ impl TryFrom<SocketAddr> for ServerId {
 /// [`send_wait`](Self::send_wait) gathers several on a [`WaitObject`].
 /// [`post`](Self::post) sends one-way.
 ///
+/// A server is named by anything [`ToEndpoint`]: a [`SocketAddr`], a
+/// [`ServerId`], or a spec string `"tcp:host:port"` / `"host:port"`
+/// (resolved on every use: pass a [`SocketAddr`] on hot paths).
+///
+/// # Connections and settings
+/// [`connect`](Self::connect), [`disconnect`](Self::disconnect) and
+/// [`is_alive`](Self::is_alive) manage a server's connection by hand;
+/// [`set_queue_limit`](Self::set_queue_limit) and
+/// [`set_default_timeout`](Self::set_default_timeout) change one server's
+/// settings while requests flow. With
+/// [`with_queue_wait`](Self::with_queue_wait) a full queue makes a
+/// submission wait for room instead of failing at once.
+///
 /// # Examples
 /// ```
 /// use tbnet::{ConnectionManager, Packet, Responder, Transport, WaitObject};
 ///
 /// let transport = Transport::builder().start()?;
-/// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+/// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
 ///     let _ = resp.reply(req.reply(req.body().clone()));
 /// })?;
 /// let client = ConnectionManager::new(&transport);
@@ -228,6 +261,7 @@ pub struct ConnectionManager {
     conns: Mutex<HashMap<SocketAddr, ServerSlot>>,
     queue_limit: usize,
     default_timeout: Duration,
+    queue_wait: Duration,
     backoff: Backoff,
     while_down: WhileDown,
     /// What hears this manager's connections open and close.
@@ -248,7 +282,7 @@ impl Drop for ConnectionManager {
             .conns
             .lock()
             .drain()
-            .map(|(_, slot)| slot.conn)
+            .filter_map(|(_, slot)| slot.conn)
             .collect();
         for conn in conns {
             if !conn.is_closed() {
@@ -261,11 +295,18 @@ impl Drop for ConnectionManager {
 impl fmt::Debug for ConnectionManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionManager")
-            .field("connections", &self.conns.lock().len())
+            .field("connections", &self.connections())
             .field("queue_limit", &self.queue_limit)
             .field("default_timeout", &self.default_timeout)
+            .field("queue_wait", &self.queue_wait)
+            .field("while_down", &self.while_down)
             .finish()
     }
+}
+
+/// A submission refused before reaching a connection: the packet back.
+fn refused(error: Error, packet: Packet) -> SendError<Packet> {
+    SendError::new(error, packet)
 }
 
 impl ConnectionManager {
@@ -278,6 +319,7 @@ impl ConnectionManager {
             conns: Mutex::new(HashMap::new()),
             queue_limit: DEFAULT_QUEUE_LIMIT,
             default_timeout: DEFAULT_TIMEOUT,
+            queue_wait: Duration::ZERO,
             backoff: Backoff::default(),
             while_down: WhileDown::default(),
             events: None,
@@ -298,7 +340,7 @@ impl ConnectionManager {
     /// use tbnet::{ConnectionEvent, ConnectionHandle, ConnectionManager, Packet, Responder, Transport};
     ///
     /// let transport = Transport::builder().start()?;
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+    /// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
     ///     let _ = resp.reply(req.reply("ok"));
     /// })?;
     /// let seen = Arc::new(Mutex::new(Vec::new()));
@@ -354,8 +396,8 @@ impl ConnectionManager {
         self
     }
 
-    /// What requests do while a server is down and in backoff (default
-    /// [`WhileDown::FailFast`]).
+    /// Whether the manager reconnects by itself, and what requests do while
+    /// a server is down (default [`WhileDown::FailFast`]).
     pub fn with_while_down(mut self, policy: WhileDown) -> Self {
         self.while_down = policy;
         self
@@ -363,55 +405,247 @@ impl ConnectionManager {
 
     /// Limits the requests pending on one connection (clamped to
     /// `1..=`[`MAX_PENDING`](crate::proto::MAX_PENDING)); past it,
-    /// submissions fail with [`Error::QueueFull`]. Applies to connections
-    /// opened afterwards.
+    /// submissions fail with [`Error::QueueFull`] (or wait, see
+    /// [`with_queue_wait`](Self::with_queue_wait)). The default for every
+    /// server; [`set_queue_limit`](Self::set_queue_limit) changes one.
     ///
-    /// The limit also sets how channel ids split their 32 bits: the bits
-    /// the limit needs name the slot, the rest its generation. With the
-    /// default (256) a slot's id repeats only after 2^22 reuses; with the
-    /// largest limit, after 2^11. A response arriving so late that its slot
-    /// has been reused exactly that many times is the only way one could
-    /// reach a newer request: keep limits near what is needed.
+    /// Unlike tbnet, where a limit of 0 means "no limit", a limit is always
+    /// at least 1: pass `MAX_PENDING` for the largest.
+    ///
+    /// The limit a connection opens with also sets how its channel ids split
+    /// their 32 bits: the bits the limit needs name the slot, the rest but
+    /// the top bit its generation. With the default (256) a slot's id
+    /// repeats only after 2^22 reuses; with the largest limit, after 2^11. A
+    /// response arriving so late that its slot has been reused exactly that
+    /// many times is the only way one could reach a newer request: keep
+    /// limits near what is needed.
     pub fn with_queue_limit(mut self, limit: usize) -> Self {
         self.queue_limit = limit.clamp(1, crate::proto::MAX_PENDING);
         self
     }
 
-    /// The timeout used when a call passes `None`.
+    /// The timeout used when a call passes `None`, for every server;
+    /// [`set_default_timeout`](Self::set_default_timeout) changes one.
+    ///
+    /// Unlike tbnet, where a timeout of 0 means "a day", a zero timeout
+    /// expires at once; pass `Duration::MAX` for "never" (clamped to about
+    /// 30 years).
     pub fn with_default_timeout(mut self, timeout: Duration) -> Self {
         self.default_timeout = timeout;
         self
     }
 
-    /// The per-connection queue limit.
+    /// How long a submission waits for room when its connection's queue is
+    /// full (tbnet's `noblocking = false`), instead of failing at once
+    /// (default zero: fail at once, tbnet's `noblocking = true`).
+    ///
+    /// The submitting thread blocks in the call ([`call`](Self::call),
+    /// [`send`](Self::send), [`call_async`](Self::call_async),
+    /// [`send_wait`](Self::send_wait), [`post`](Self::post)) until a pending
+    /// request on that connection ends (its response, timeout, cancel), its
+    /// limit is raised, or the connection closes, and at most this long (and
+    /// never past the request's own deadline): then it fails with
+    /// [`Error::QueueFull`] and hands the packet back. Only the limit on
+    /// pending requests waits; a connection over
+    /// [`max_outbound`](crate::TransportBuilder::max_outbound) unwritten
+    /// bytes, or a full callback queue, still refuses at once. Do not set it
+    /// on a manager used from an async executor's threads or from inline
+    /// callbacks ([`Dispatch::IoThread`](crate::Dispatch::IoThread)): they
+    /// would block.
+    pub fn with_queue_wait(mut self, wait: Duration) -> Self {
+        self.queue_wait = clamp_wait(wait);
+        self
+    }
+
+    /// The default per-connection queue limit.
     pub fn queue_limit(&self) -> usize {
         self.queue_limit
     }
 
-    /// The timeout used when a call passes `None`.
+    /// The default timeout used when a call passes `None`.
     pub fn default_timeout(&self) -> Duration {
         self.default_timeout
     }
 
+    /// How long a submission waits for room in a full queue.
+    pub fn queue_wait(&self) -> Duration {
+        self.queue_wait
+    }
+
+    /// Changes `server`'s queue limit (tbnet's
+    /// `setDefaultQueueLimit(id, n)`), clamped like
+    /// [`with_queue_limit`](Self::with_queue_limit); later requests to it
+    /// see the new limit. Requests already pending stay, even above a
+    /// lowered limit. A raise wakes submissions waiting for room.
+    ///
+    /// An open connection's channel ids can number only so many slots: the
+    /// larger of the server's and the manager's limit when it opened,
+    /// rounded up to a power of two, minus one (511 for the default 256). A
+    /// limit above that applies to it only up to that, and in full from its
+    /// next connection. Applies to a server this manager has not connected
+    /// to yet as well.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAddress`] for a spec that does not resolve.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use tbnet::{ConnectionManager, Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
+    ///     let _ = resp.reply(req.reply(req.body().clone()));
+    /// })?;
+    /// let client = ConnectionManager::new(&transport);
+    /// client.set_queue_limit(addr, 8)?;
+    /// client.set_default_timeout(addr, Duration::from_secs(1))?;
+    /// assert_eq!(client.call(addr, Packet::new(1, "hi"), None)?.body(), "hi");
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn set_queue_limit(&self, server: impl ToEndpoint, limit: usize) -> Result<(), Error> {
+        let server = server.to_endpoint()?;
+        let limit = limit.clamp(1, crate::proto::MAX_PENDING);
+        let conn = {
+            let mut conns = self.conns.lock();
+            let slot = self.slot(&mut conns, server);
+            slot.queue_limit = limit;
+            slot.conn.clone()
+        };
+        // After the map lock: a raise wakes waiting submitters.
+        if let Some(conn) = conn {
+            conn.set_queue_limit(limit);
+        }
+        Ok(())
+    }
+
+    /// Changes the timeout of later requests to `server` that pass `None`
+    /// (tbnet's `setDefaultQueueTimeout(id, ms)`; see
+    /// [`with_default_timeout`](Self::with_default_timeout) for what zero
+    /// means). Applies to a server this manager has not connected to yet as
+    /// well.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAddress`] for a spec that does not resolve.
+    pub fn set_default_timeout(
+        &self,
+        server: impl ToEndpoint,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let server = server.to_endpoint()?;
+        let mut conns = self.conns.lock();
+        self.slot(&mut conns, server).default_timeout = timeout;
+        Ok(())
+    }
+
+    /// Opens a connection to `server` now (unless one is open or opening),
+    /// and blocks until it is connected, or failed, or the transport's
+    /// [`connect_timeout`](crate::TransportBuilder::connect_timeout) passed
+    /// (tbnet's `Transport::connect`). An explicit connect ignores the
+    /// reconnect backoff and [`WhileDown::StayDown`].
+    ///
+    /// # Errors
+    /// Why the connection failed: [`Error::Io`] (refused, unreachable,
+    /// ...), [`Error::Timeout`] if it is still connecting when the connect
+    /// timeout passed (it goes on, and ends by that timeout),
+    /// [`Error::Disconnected`] if it closed meanwhile, [`Error::Shutdown`],
+    /// [`Error::InvalidAddress`].
+    ///
+    /// # Examples
+    /// ```
+    /// use tbnet::{ConnectionManager, Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("tcp:127.0.0.1:0", |_: Packet, _: Responder| {})?;
+    /// let client = ConnectionManager::new(&transport);
+    /// client.connect(addr)?;
+    /// assert!(client.is_alive(addr));
+    /// client.disconnect(addr);
+    /// assert!(!client.is_alive(addr));
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn connect(&self, server: impl ToEndpoint) -> Result<(), Error> {
+        let server = server.to_endpoint()?;
+        let started = Instant::now();
+        let conn = self.conn(server, true)?.0;
+        // An open-or-opening connection may be waiting out a backoff delay
+        // (`WhileDown::Queue`): an explicit connect does not wait.
+        conn.connect_now();
+        conn.wait_open(started + self.transport.config().connect_timeout)
+    }
+
+    /// Closes the connection to `server`, if any: its pending requests fail
+    /// with [`Error::Disconnected`] (tbnet's
+    /// `ConnectionManager::disconnect`). It is no failure of the server's
+    /// (the backoff does not grow): the next request reconnects at once,
+    /// unless [`WhileDown::StayDown`], under which it stays down until
+    /// [`connect`](Self::connect). Returns whether a connection was open or
+    /// opening. A spec that does not resolve names no connection.
+    pub fn disconnect(&self, server: impl ToEndpoint) -> bool {
+        let Ok(server) = server.to_endpoint() else {
+            return false;
+        };
+        let conn = {
+            let mut conns = self.conns.lock();
+            let Some(slot) = conns.get_mut(&server) else {
+                return false;
+            };
+            let Some(conn) = slot.conn.clone() else {
+                return false;
+            };
+            if conn.is_closed() {
+                return false;
+            }
+            // Counted now: this close is no failure and delays nothing.
+            slot.accounted = true;
+            slot.retry_at = None;
+            conn
+        };
+        // After the map lock: failing requests may run callbacks.
+        drop(conn.close_by_owner());
+        // The IO thread drops the socket (or the pending connect).
+        self.transport
+            .shared()
+            .command(Command::Close(conn, Error::Disconnected));
+        tracing::debug!(%server, "disconnected by its owner");
+        true
+    }
+
+    /// Whether the connection to `server` is open or opening (tbnet's
+    /// `isAlive`): false if this manager has none, or it closed. A spec that
+    /// does not resolve is not alive.
+    pub fn is_alive(&self, server: impl ToEndpoint) -> bool {
+        let Ok(server) = server.to_endpoint() else {
+            return false;
+        };
+        let conns = self.conns.lock();
+        (conns.get(&server))
+            .and_then(|slot| slot.conn.as_ref())
+            .is_some_and(|conn| !conn.is_closed())
+    }
+
     /// Sends `request` and blocks until its response, its timeout
-    /// (`None`: the default), the loss of its connection, or shutdown.
+    /// (`None`: the server's default), the loss of its connection, or
+    /// shutdown.
     ///
     /// # Errors
     /// [`Error::Timeout`]; [`Error::Disconnected`] (the connection closed,
     /// or the server is in its reconnect backoff under
-    /// [`WhileDown::FailFast`]); [`Error::Shutdown`]; [`Error::QueueFull`]
-    /// (a queue limit, see its docs); [`Error::FrameTooLarge`] if the body
-    /// is over the streamer's limit; [`Error::Remote`] for an error reply;
-    /// [`Error::BadMessage`] for an error reply that does not decode;
-    /// [`Error::Io`] if the connection could not be set up.
+    /// [`WhileDown::FailFast`], or down under [`WhileDown::StayDown`]);
+    /// [`Error::Shutdown`]; [`Error::QueueFull`] (a queue limit, see its
+    /// docs); [`Error::FrameTooLarge`] if the body is over the streamer's
+    /// limit; [`Error::Remote`] for an error reply; [`Error::BadMessage`]
+    /// for an error reply that does not decode; [`Error::Io`] if the
+    /// connection could not be set up; [`Error::InvalidAddress`].
     pub fn call(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: Packet,
         timeout: Option<Duration>,
     ) -> Result<Packet, Error> {
+        let server = server.to_endpoint()?;
         let (wait, completion) = CallWait::new();
-        self.submit(server.into(), request, timeout, completion)
+        self.submit(server, request, timeout, completion)
             .map_err(SendError::into_parts)
             .map_err(|(error, _)| error)?;
         wait.wait()
@@ -431,21 +665,20 @@ impl ConnectionManager {
     /// ...); the handler then does not run.
     pub fn send<H: PacketHandler>(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: Packet,
         timeout: Option<Duration>,
         handler: H,
     ) -> Result<(), SendError<Packet>> {
         if self.transport.shared().workers.callbacks_full() {
-            return Err(SendError::new(Error::QueueFull, request));
+            return Err(refused(Error::QueueFull, request));
         }
-        self.submit(
-            server.into(),
-            request,
-            timeout,
-            Completion::callback(handler),
-        )
-        .map(drop)
+        let server = match server.to_endpoint() {
+            Ok(server) => server,
+            Err(error) => return Err(refused(error, request)),
+        };
+        self.submit(server, request, timeout, Completion::callback(handler))
+            .map(drop)
     }
 
     /// Sends `request` and returns a future of its outcome, usable on any
@@ -455,12 +688,16 @@ impl ConnectionManager {
     /// The request handed back if it could not be queued.
     pub fn call_async(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: Packet,
         timeout: Option<Duration>,
     ) -> Result<ResponseFuture, SendError<Packet>> {
+        let server = match server.to_endpoint() {
+            Ok(server) => server,
+            Err(error) => return Err(refused(error, request)),
+        };
         let (mut future, completion) = ResponseFuture::new();
-        let (conn, id) = self.submit(server.into(), request, timeout, completion)?;
+        let (conn, id) = self.submit(server, request, timeout, completion)?;
         future.attach_cancel(CancelHandle::new(conn, id));
         Ok(future)
     }
@@ -474,36 +711,47 @@ impl ConnectionManager {
     /// still counts in [`registered`](WaitObject::registered)).
     pub fn send_wait(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: Packet,
         timeout: Option<Duration>,
         wait: &mut WaitObject,
     ) -> Result<usize, SendError<Packet>> {
         let completion = wait.completion();
         let index = wait.registered() - 1;
-        let (conn, id) = self.submit(server.into(), request, timeout, completion)?;
+        let server = match server.to_endpoint() {
+            Ok(server) => server,
+            Err(error) => {
+                completion.disarm();
+                return Err(refused(error, request));
+            }
+        };
+        let (conn, id) = self.submit(server, request, timeout, completion)?;
         wait.attach_cancel(index, CancelHandle::new(conn, id));
         Ok(index)
     }
 
-    /// Sends `message` one-way: channel id 0, no response expected, nothing
-    /// pending.
+    /// Sends `message` one-way (tbnet's `postPacket` with no handler): no
+    /// caller waits for an answer.
+    ///
+    /// Like tbnet's client, it takes a real channel id (a tbnet server
+    /// aborts on channel id 0) with the server's default timeout: a reply
+    /// that comes back is discarded and counted in
+    /// [`StatsSnapshot::post_replies`](crate::StatsSnapshot::post_replies),
+    /// and a post no reply answers frees its place in the queue when that
+    /// timeout passes (counted in
+    /// [`timeouts`](crate::StatsSnapshot::timeouts)). Posts count against
+    /// the queue limit like requests.
     ///
     /// # Errors
-    /// The message handed back if the connection is closed or the
-    /// transport stopped.
-    pub fn post(
-        &self,
-        server: impl Into<SocketAddr>,
-        mut message: Packet,
-    ) -> Result<(), SendError<Packet>> {
-        message.set_channel_id(ChannelId::NONE);
-        let server = server.into();
-        let conn = match self.conn(server) {
-            Ok(conn) => conn,
-            Err(error) => return Err(SendError::new(error, message)),
+    /// The message handed back if it could not be queued
+    /// ([`Error::QueueFull`], [`Error::Shutdown`], ...).
+    pub fn post(&self, server: impl ToEndpoint, message: Packet) -> Result<(), SendError<Packet>> {
+        let server = match server.to_endpoint() {
+            Ok(server) => server,
+            Err(error) => return Err(refused(error, message)),
         };
-        conn.send_frame(message)
+        self.submit(server, message, None, Completion::discard())
+            .map(drop)
     }
 
     /// [`call`](Self::call) with typed messages: sends `request` under
@@ -527,7 +775,7 @@ impl ConnectionManager {
     /// let router = Router::new().route_message(|m: Echo, resp: Responder| {
     ///     let _ = resp.reply_message(&m);
     /// });
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), router)?;
+    /// let addr = transport.listen("127.0.0.1:0", router)?;
     /// let client = ConnectionManager::new(&transport);
     /// let back: Echo = client.call_message(addr, &Echo(Bytes::from("hi")), None)?;
     /// assert_eq!(back, Echo(Bytes::from("hi")));
@@ -535,7 +783,7 @@ impl ConnectionManager {
     /// ```
     pub fn call_message<Req: Message, Resp: Message>(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: &Req,
         timeout: Option<Duration>,
     ) -> Result<Resp, Error> {
@@ -550,7 +798,7 @@ impl ConnectionManager {
     /// The encoded request handed back if it could not be queued.
     pub fn send_message<Req, Resp, F>(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: &Req,
         timeout: Option<Duration>,
         handler: F,
@@ -574,7 +822,7 @@ impl ConnectionManager {
     /// The encoded request handed back if it could not be queued.
     pub fn call_message_async<Req: Message, Resp: Message>(
         &self,
-        server: impl Into<SocketAddr>,
+        server: impl ToEndpoint,
         request: &Req,
         timeout: Option<Duration>,
     ) -> Result<MessageFuture<Resp>, SendError<Packet>> {
@@ -583,20 +831,23 @@ impl ConnectionManager {
     }
 
     /// Connection counters for `server`, or `None` if this manager never
-    /// connected to it.
-    pub fn server_stats(&self, server: impl Into<SocketAddr>) -> Option<ServerStats> {
+    /// connected to it (or the spec does not resolve).
+    pub fn server_stats(&self, server: impl ToEndpoint) -> Option<ServerStats> {
+        let server = server.to_endpoint().ok()?;
         let mut conns = self.conns.lock();
-        let slot = conns.get_mut(&server.into())?;
+        let slot = conns.get_mut(&server)?;
+        let waiting = slot.conn.as_ref()?.room_waiters() as u64;
         self.account(slot);
-        Some(slot.stats)
+        Some(ServerStats {
+            waiting,
+            ..slot.stats
+        })
     }
 
     /// Connections currently held (open or connecting).
     pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .values()
-            .filter(|c| !c.conn.is_closed())
+        (self.conns.lock().values())
+            .filter(|slot| slot.conn.as_ref().is_some_and(|c| !c.is_closed()))
             .count()
     }
 
@@ -608,20 +859,22 @@ impl ConnectionManager {
         completion: Completion,
     ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
         let sent = Instant::now();
-        let deadline = sent + clamp_wait(timeout.unwrap_or(self.default_timeout));
         let mut request = request;
         let mut completion = completion;
         // A connection can close between lookup and submit: then one retry
         // on a fresh connection.
         for attempt in 0..2 {
-            let conn = match self.conn(server) {
-                Ok(conn) => conn,
+            let (conn, default_timeout) = match self.conn(server, false) {
+                Ok(found) => found,
                 Err(error) => {
                     completion.disarm();
                     return Err(SendError::new(error, request));
                 }
             };
-            match conn.submit(request, sent, deadline, completion) {
+            let deadline = sent + clamp_wait(timeout.unwrap_or(default_timeout));
+            let room_until =
+                (!self.queue_wait.is_zero()).then(|| deadline.min(sent + self.queue_wait));
+            match conn.submit(request, sent, deadline, completion, room_until) {
                 Ok(id) => return Ok((conn, id)),
                 Err(Rejected {
                     error: Error::Disconnected,
@@ -640,6 +893,23 @@ impl ConnectionManager {
         unreachable!("the second attempt always returns")
     }
 
+    /// `server`'s slot, made with the manager's defaults if it has none.
+    fn slot<'m>(
+        &self,
+        conns: &'m mut HashMap<SocketAddr, ServerSlot>,
+        server: SocketAddr,
+    ) -> &'m mut ServerSlot {
+        conns.entry(server).or_insert_with(|| ServerSlot {
+            conn: None,
+            queue_limit: self.queue_limit,
+            default_timeout: self.default_timeout,
+            failures: 0,
+            retry_at: None,
+            accounted: false,
+            stats: ServerStats::default(),
+        })
+    }
+
     /// Counts how `slot`'s closed connection ended, once, and sets when the
     /// next may open: at once after a healthy connection, after a growing
     /// delay after one that ended early.
@@ -647,7 +917,10 @@ impl ConnectionManager {
         if slot.accounted {
             return;
         }
-        let Some((early, closed_at)) = slot.conn.closed_early() else {
+        let Some(conn) = &slot.conn else {
+            return;
+        };
+        let Some((early, closed_at)) = conn.closed_early() else {
             return;
         };
         slot.accounted = true;
@@ -661,13 +934,14 @@ impl ConnectionManager {
         let delay = self.backoff.delay(slot.failures, jitter_seed());
         slot.retry_at = Some(closed_at + clamp_wait(delay));
         if early {
-            tracing::debug!(peer = %slot.conn.peer(), failures = slot.failures, ?delay, "connection ended before it proved healthy; backing off");
+            tracing::debug!(peer = %conn.peer(), failures = slot.failures, ?delay, "connection ended before it proved healthy; backing off");
         }
     }
 
-    /// The open (or opening) connection to `server`, opening one if needed
-    /// and the backoff allows.
-    fn conn(&self, server: SocketAddr) -> Result<Arc<Conn>, Error> {
+    /// The open (or opening) connection to `server` and its default
+    /// timeout, opening a connection if needed and allowed: by the backoff
+    /// and [`WhileDown`], or always when `explicit` (`connect`).
+    fn conn(&self, server: SocketAddr, explicit: bool) -> Result<(Arc<Conn>, Duration), Error> {
         let shared = self.transport.shared();
         if shared.is_stopping() {
             return Err(Error::Shutdown);
@@ -675,27 +949,30 @@ impl ConnectionManager {
         let now = Instant::now();
         let mut conns = self.conns.lock();
         let mut connect_at = None;
-        let reconnect = conns
-            .get(&server)
-            .is_some_and(|slot| slot.conn.was_opened());
-        if let Some(slot) = conns.get_mut(&server) {
-            if !slot.conn.is_closed() {
-                return Ok(slot.conn.clone());
+        let slot = self.slot(&mut conns, server);
+        // A connection to this server opened before: this one reconnects.
+        let reconnect = slot.conn.as_ref().is_some_and(|conn| conn.was_opened());
+        if let Some(conn) = &slot.conn {
+            if !conn.is_closed() {
+                return Ok((conn.clone(), slot.default_timeout));
             }
             self.account(slot);
-            match slot.retry_at {
-                Some(at) if now < at => match self.while_down {
-                    WhileDown::FailFast => return Err(Error::Disconnected),
-                    WhileDown::Queue => connect_at = Some(at),
-                },
-                _ => {}
+            if !explicit {
+                match (self.while_down, slot.retry_at) {
+                    (WhileDown::StayDown, _) => return Err(Error::Disconnected),
+                    (WhileDown::FailFast, Some(at)) if now < at => return Err(Error::Disconnected),
+                    (WhileDown::Queue, Some(at)) if now < at => connect_at = Some(at),
+                    _ => {}
+                }
             }
         }
+        // Channel ids are split for the larger of the server's limit and the
+        // manager's, so the server's may later be raised up to the latter.
         let conn = Conn::new(
             shared.clone(),
             server,
             Side::Client,
-            self.queue_limit,
+            slot.queue_limit.max(self.queue_limit),
             self.backoff.grace,
         );
         let conn = Arc::new(
@@ -706,21 +983,15 @@ impl ConnectionManager {
                 )
                 .with_default_handler(self.default_handler.clone()),
         );
-        let failures = conns.get(&server).map_or(0, |slot| slot.failures);
-        let mut stats = conns
-            .get(&server)
-            .map_or_else(ServerStats::default, |slot| slot.stats);
-        stats.connect_attempts += 1;
-        conns.insert(
-            server,
-            ServerSlot {
-                conn: conn.clone(),
-                failures,
-                retry_at: None,
-                accounted: false,
-                stats,
-            },
-        );
+        if slot.queue_limit < self.queue_limit {
+            conn.set_queue_limit(slot.queue_limit);
+        }
+        let failures = slot.failures;
+        slot.conn = Some(conn.clone());
+        slot.retry_at = None;
+        slot.accounted = false;
+        slot.stats.connect_attempts += 1;
+        let default_timeout = slot.default_timeout;
         drop(conns);
         // Outside the map lock: if the IO thread is gone, queuing a command
         // fails other connections' requests, which may run callbacks. A
@@ -736,6 +1007,6 @@ impl ConnectionManager {
             }
         }
         tracing::debug!(%server, failures, "opening connection");
-        Ok(conn)
+        Ok((conn, default_timeout))
     }
 }

@@ -71,6 +71,9 @@ enum Kind {
     },
     Future(Arc<FutureShared>),
     Call(Arc<CallSlot>),
+    /// A one-way post's slot: whatever ends it is dropped (a reply is
+    /// counted by the connection that matched it).
+    Discard,
 }
 
 impl Completion {
@@ -91,6 +94,18 @@ impl Completion {
     /// Whether firing runs user code (a callback) rather than waking a waiter.
     pub fn is_callback(&self) -> bool {
         matches!(self.kind, Some(Kind::Callback(_)))
+    }
+
+    /// The completion of a one-way post: nobody waits for its outcome.
+    pub(crate) fn discard() -> Self {
+        Completion {
+            kind: Some(Kind::Discard),
+        }
+    }
+
+    /// Whether this is a post's completion, whose outcome is dropped.
+    pub(crate) fn is_discard(&self) -> bool {
+        matches!(self.kind, Some(Kind::Discard))
     }
 
     /// Drops the completion without an outcome: the submission it belonged
@@ -117,6 +132,7 @@ impl fmt::Debug for Completion {
             Some(Kind::Wait { .. }) => "wait",
             Some(Kind::Future(_)) => "future",
             Some(Kind::Call(_)) => "call",
+            Some(Kind::Discard) => "discard",
             None => "fired",
         };
         f.debug_tuple("Completion").field(&kind).finish()
@@ -130,6 +146,7 @@ impl Kind {
             Kind::Wait { shared, index } => shared.fire(index, result),
             Kind::Future(shared) => shared.fire(result),
             Kind::Call(slot) => slot.fire(result),
+            Kind::Discard => {}
         }
     }
 }

@@ -55,6 +55,14 @@ pub enum Error {
         /// What was wrong with it.
         reason: Arc<str>,
     },
+    /// An address spec (`"tcp:host:port"` or `"host:port"`) could not be
+    /// parsed or resolved ([`ToEndpoint`](crate::ToEndpoint)).
+    InvalidAddress {
+        /// The spec as given.
+        spec: Arc<str>,
+        /// What was wrong with it.
+        reason: Arc<str>,
+    },
     /// The server answered with an error reply (see
     /// [`ERROR_PCODE`](crate::ERROR_PCODE)): the request arrived and was
     /// refused by the application.
@@ -98,6 +106,9 @@ impl fmt::Display for Error {
                 write!(f, "bad message body for packet code {pcode}: {reason}")
             }
             Error::Remote { code, message } => write!(f, "server error {code}: {message}"),
+            Error::InvalidAddress { spec, reason } => {
+                write!(f, "invalid address {spec:?}: {reason}")
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! // Server: an adaptor is any `Fn(Packet, Responder)`; reply now or later.
 //! let server = Transport::builder().start()?;
-//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), |request: Packet, responder: Responder| {
+//! let addr = server.listen("127.0.0.1:0", |request: Packet, responder: Responder| {
 //!     let _ = responder.reply(request.reply(request.body().clone()));
 //! })?;
 //!
@@ -123,7 +123,7 @@
 //!     };
 //! });
 //! let server = Transport::builder().start()?;
-//! let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator)?;
+//! let addr = server.listen("127.0.0.1:0", calculator)?;
 //! println!("serving on {addr}");
 //! # server.stop();
 //! # Ok::<(), tbnet::Error>(())
@@ -163,7 +163,7 @@
 //! #     })
 //! # }
 //! # let server = Transport::builder().start()?;
-//! # let addr = server.listen("127.0.0.1:0".parse().unwrap(), calculator())?;
+//! # let addr = server.listen("127.0.0.1:0", calculator())?;
 //! use tbnet::{ConnectionManager, Error, WaitObject};
 //!
 //! let client = Transport::builder().start()?;
@@ -231,7 +231,7 @@
 //!
 //! let transport = Transport::builder().start()?;
 //! // The server asks the client something before it answers.
-//! let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+//! let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
 //!     let name = resp.connection().call(Packet::new(2, "name?"), None);
 //!     let name = name.map(Packet::into_body).unwrap_or_default();
 //!     let _ = resp.reply(req.reply([&b"hello "[..], &name].concat()));
@@ -359,23 +359,59 @@
 //! | tbnet (C++)          | this crate |
 //! |----------------------|------------|
 //! | `Transport`          | [`Transport`] |
+//! | `Transport::listen(spec, streamer, adaptor)` | [`Transport::listen`] (`"tcp:host:port"`, `"host:port"` or a `SocketAddr`: [`ToEndpoint`]) |
+//! | `Transport::connect(spec, streamer, autoReconn)` | [`ConnectionManager::connect`] |
+//! | spec strings `"tcp:host:port"` | [`ToEndpoint`] (for `&str`, `String`, `SocketAddr`, [`ServerId`]) |
 //! | `ConnectionManager`  | [`ConnectionManager`] |
+//! | `ConnectionManager::sendPacket(id, packet, handler, args)` | [`ConnectionManager::send`] (callback), [`call`](ConnectionManager::call) (blocking), [`call_async`](ConnectionManager::call_async) (future), [`send_wait`](ConnectionManager::send_wait) |
+//! | `Connection::postPacket` with no handler | [`ConnectionManager::post`] (a real channel id; the reply is discarded and counted in [`StatsSnapshot::post_replies`]) |
+//! | `ConnectionManager::connect` / `disconnect` / `isAlive` | [`ConnectionManager::connect`], [`disconnect`](ConnectionManager::disconnect), [`is_alive`](ConnectionManager::is_alive) |
+//! | `setDefaultQueueLimit(id, n)` / `setDefaultQueueTimeout(id, ms)` | [`ConnectionManager::set_queue_limit`], [`set_default_timeout`](ConnectionManager::set_default_timeout) (and manager-wide [`with_queue_limit`](ConnectionManager::with_queue_limit), [`with_default_timeout`](ConnectionManager::with_default_timeout)) |
+//! | `noblocking = false` (wait for room in a full queue) | [`ConnectionManager::with_queue_wait`] |
+//! | `autoReconn` | [`WhileDown`]: `FailFast`/`Queue` reconnect, [`WhileDown::StayDown`] does not |
 //! | `IServerAdaptor`     | [`ServerAdaptor`] (alias [`IServerAdaptor`]), any `Fn(Packet, Responder)` |
+//! | `IServerAdaptor::handleBatchPacket` | [`BatchAdaptor`], [`Transport::listen_batch`] |
 //! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
 //! | `IPacketStreamer` + `IPacketFactory` | [`PacketStreamer`](proto::PacketStreamer) (alias [`IPacketStreamer`]) |
 //! | `DefaultPacketStreamer` | [`proto::DefaultStreamer`] |
+//! | (no equivalent) a connection's requests handled in order on the pool | [`Dispatch::Ordered`] |
+//! | `DataBuffer` (`writeInt8..64`, `writeString`, `readInt*`, `readString`) | [`DataBuffer`] (`put_i8..i64`, `put_string`), [`DataReader`] (`get_*`, errors instead of over-reads) |
 //! | `Packet`, `pcode`, `chid` | [`Packet`], [`PacketCode`], [`ChannelId`] |
 //! | `ChannelPool`        | [`ChannelPool`] |
 //! | `WaitObject`         | [`WaitObject`] |
 //! | `PacketQueueThread`  | the worker pool ([`Dispatch::Workers`]) |
 //! | `ControlPacket` (timeout, bad packet, disconnect) | [`Error`] |
+//! | `DisconnPacket` / `ControlPacket::CMD_DISCONN_PACKET` | [`Error::Disconnected`] |
 //! | `HttpPacketStreamer` status pages | [`TransportBuilder::status_page`] |
-//! | `IPacketStreamer` per listener / connection, `existPacketHeader = false` | [`ListenOptions::streamer`], [`ConnectionManager::with_streamer`]; a streamer whose header is empty |
+//! | `IPacketStreamer` per listener / connection, `existPacketHeader = false` (custom framings, `HttpPacketStreamer`) | [`ListenOptions::streamer`], [`ConnectionManager::with_streamer`]; a streamer whose header is empty |
 //! | `IServerAdaptor` connection callbacks, `DisconnPacket`; DSTORE `on_connect`/`on_close` | [`ConnectionEvents`], [`CloseReason`] |
-//! | server-side `Connection` (`postPacket`, `getPeerId`, `close`, `setWriteFinishClose`) | [`ConnectionHandle`] ([`Responder::connection`]; [`ConnectionHandle::close_when_written`]) |
-//! | `ConnectionManager::setDefaultPacketHandler` | [`ConnectionManager::set_default_handler`] (only for packets the server sent on its own; late responses are counted, as before) |
+//! | `IOComponent` / server-side `Connection` (`postPacket`, `getPeerId`, `close`, `setWriteFinishClose`) | [`ConnectionHandle`] ([`Responder::connection`]; [`ConnectionHandle::close_when_written`]) |
+//! | default packet handler (`ConnectionManager(..., defaultPacketHandler)`, `setDefaultPacketHandler`) | [`ConnectionManager::set_default_handler`] (only for packets the server sent on its own: channel id 0 or bit 31 set; late responses and post replies are counted, as before) |
 //! | (no equivalent) typed messages and dispatch by `pcode` | [`Message`], [`Router`] |
 //! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |
+//!
+//! Where the meaning differs:
+//!
+//! - **Queue limit 0**: tbnet's means "no limit"; here every limit is at
+//!   least 1 ([`MAX_PENDING`](proto::MAX_PENDING) is the largest).
+//! - **Timeout 0**: tbnet's means "a day"; here a zero timeout expires at
+//!   once (pass `Duration::MAX`, clamped to about 30 years, for "never").
+//! - **Reconnect**: tbnet reconnects a dropped connection on its timeout
+//!   thread; here the next request reconnects, with exponential backoff and
+//!   jitter after failed attempts ([`Backoff`]), and [`WhileDown::StayDown`]
+//!   turns it off until [`ConnectionManager::connect`].
+//! - **Posts**: tbnet delivers a post's reply to the default packet handler;
+//!   here it is discarded and counted (a post still holds its queue slot
+//!   until the reply or the default timeout, as in tbnet).
+//! - **Waiting for room**: tbnet's `noblocking = false` waits without a
+//!   bound; [`with_queue_wait`](ConnectionManager::with_queue_wait) bounds
+//!   the wait and then fails with [`Error::QueueFull`].
+//! - **Default handler**: tbnet's gets every packet that matches no
+//!   request; here only what a server sent on its own (channel id 0, or bit
+//!   31 set: a server's requests never share an id with its client's).
+//! - **Connection events**: tbnet tells the adaptor of a lost connection
+//!   with a `DisconnPacket`; here [`ConnectionEvents`] hooks hear every
+//!   open, reopen and close with its [`CloseReason`], on their own thread.
 //!
 //! # Guarantees
 //!
@@ -444,8 +480,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
+mod buffer;
 mod client;
 mod completion;
+mod endpoint;
 mod error;
 mod message;
 mod packet;
@@ -456,11 +494,13 @@ mod status;
 mod sync;
 mod transport;
 
+pub use buffer::{DataBuffer, DataReader};
 pub use client::{
     Backoff, ConnectionManager, ServerId, ServerStats, WhileDown, DEFAULT_QUEUE_LIMIT,
     DEFAULT_TIMEOUT,
 };
 pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
+pub use endpoint::ToEndpoint;
 pub use error::{Error, SendError};
 pub use message::{
     DecodeError, Message, MessageFuture, ERROR_BAD_REQUEST, ERROR_PCODE, ERROR_UNKNOWN_PCODE,

@@ -41,7 +41,7 @@ pub enum Unrouted {
 ///         let _ = resp.reply_error(404, "nothing here");
 ///     });
 /// let transport = Transport::builder().start()?;
-/// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), router)?;
+/// let addr = transport.listen("127.0.0.1:0", router)?;
 /// let client = ConnectionManager::new(&transport);
 ///
 /// assert_eq!(client.call(addr, Packet::new(1, "ping"), None)?.body(), "pong");

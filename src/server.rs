@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
 use crate::proto::{Codec, PacketStreamer};
@@ -84,12 +85,28 @@ impl Transport {
     /// [`dispatch`](crate::TransportBuilder::dispatch) says. Returns the bound
     /// address.
     ///
+    /// `addr` is anything [`ToEndpoint`]: a [`SocketAddr`], or tbnet's spec
+    /// string `"tcp:host:port"`, or plain `"host:port"` (a host name
+    /// resolves with the system resolver to its first address).
+    ///
     /// # Errors
     /// [`Error::Io`] if the address cannot be bound, [`Error::Shutdown`] if
-    /// the transport stopped.
+    /// the transport stopped, [`Error::InvalidAddress`] for a spec that does
+    /// not parse or resolve.
+    ///
+    /// # Examples
+    /// ```
+    /// use tbnet::{Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("tcp:127.0.0.1:0", |_: Packet, _: Responder| {})?;
+    /// assert!(addr.ip().is_loopback() && addr.port() != 0);
+    /// assert!(transport.listen("udp:127.0.0.1:0", |_: Packet, _: Responder| {}).is_err());
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
     pub fn listen<A: ServerAdaptor>(
         &self,
-        addr: SocketAddr,
+        addr: impl ToEndpoint,
         adaptor: A,
     ) -> Result<SocketAddr, Error> {
         self.listen_with(addr, adaptor, self.config().dispatch)
@@ -102,7 +119,7 @@ impl Transport {
     /// As for [`listen`](Self::listen).
     pub fn listen_with<A: ServerAdaptor>(
         &self,
-        addr: SocketAddr,
+        addr: impl ToEndpoint,
         adaptor: A,
         dispatch: Dispatch,
     ) -> Result<SocketAddr, Error> {
@@ -129,7 +146,7 @@ impl Transport {
     ///     }
     /// };
     /// let addr = transport.listen_with_options(
-    ///     "127.0.0.1:0".parse().unwrap(),
+    ///     "127.0.0.1:0",
     ///     |req: Packet, resp: Responder| { let _ = resp.reply(req.reply("ok")); },
     ///     ListenOptions::new().events(greet),
     /// )?;
@@ -145,7 +162,7 @@ impl Transport {
     /// ```
     pub fn listen_with_options<A: ServerAdaptor>(
         &self,
-        addr: SocketAddr,
+        addr: impl ToEndpoint,
         adaptor: A,
         options: ListenOptions,
     ) -> Result<SocketAddr, Error> {
@@ -155,11 +172,12 @@ impl Transport {
     /// Starts a listener for `handler` with `options`.
     fn listen_service(
         &self,
-        addr: SocketAddr,
+        addr: impl ToEndpoint,
         handler: Arc<dyn RequestHandler>,
         batches: bool,
         options: ListenOptions,
     ) -> Result<SocketAddr, Error> {
+        let addr = addr.to_endpoint()?;
         // The status page speaks HTTP on tbnet's port: not with another
         // framing.
         let sniffer: Option<Arc<dyn Sniffer>> = (self.config().status_page
@@ -185,7 +203,7 @@ impl Transport {
     /// As for [`listen`](Self::listen).
     pub fn listen_batch<B: BatchAdaptor>(
         &self,
-        addr: SocketAddr,
+        addr: impl ToEndpoint,
         adaptor: B,
         dispatch: Dispatch,
     ) -> Result<SocketAddr, Error> {
@@ -218,7 +236,7 @@ impl Transport {
 /// }
 ///
 /// let transport = Transport::builder().start()?;
-/// let addr = transport.listen_batch("127.0.0.1:0".parse()?, EchoAll, Dispatch::Ordered)?;
+/// let addr = transport.listen_batch("127.0.0.1:0", EchoAll, Dispatch::Ordered)?;
 /// # let _ = addr;
 /// transport.stop();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -328,9 +346,10 @@ impl ListenOptions {
 /// The way back to the client for one request: reply once, now or later,
 /// from any thread.
 ///
-/// A request that arrived with channel id 0 is one-way (tbnet peers never
-/// send it; this crate's [`post`](crate::ConnectionManager::post) does):
-/// its responder discards any reply.
+/// A request that arrived with channel id 0 is one-way (neither tbnet's
+/// clients nor this crate's send it; even
+/// [`post`](crate::ConnectionManager::post) takes a real id): its responder
+/// discards any reply.
 pub struct Responder {
     /// `None` once replied.
     reply: Option<ReplyTo>,

@@ -98,7 +98,7 @@ impl TransportBuilder {
     /// use tbnet::{Packet, Responder, Transport};
     ///
     /// let transport = Transport::builder().status_page(true).start()?;
-    /// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |_: Packet, _: Responder| {})?;
+    /// let addr = transport.listen("127.0.0.1:0", |_: Packet, _: Responder| {})?;
     /// let mut http = std::net::TcpStream::connect(addr)?;
     /// http.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
     /// let mut response = String::new();
@@ -158,7 +158,7 @@ pub(crate) fn respond(request: &Request, stats: &StatsSnapshot, uptime: Duration
 fn counters(
     stats: &StatsSnapshot,
     uptime: Duration,
-) -> [(&'static str, &'static str, &'static str, f64); 17] {
+) -> [(&'static str, &'static str, &'static str, f64); 18] {
     [
         (
             "connections",
@@ -249,6 +249,12 @@ fn counters(
             "counter",
             "Client connections that ended before they proved healthy",
             stats.early_failures as f64,
+        ),
+        (
+            "post_replies_total",
+            "counter",
+            "Replies to one-way posts, discarded",
+            stats.post_replies as f64,
         ),
         (
             "worker_queue",
@@ -344,6 +350,45 @@ mod tests {
         }
         let endless = [b'a'; MAX_HEAD + 1];
         assert!(parse(&endless).is_err());
+    }
+
+    /// The keys of a flat JSON object of numbers, as the status page
+    /// writes it.
+    pub(crate) fn json_keys(json: &str) -> Vec<String> {
+        let inner = json
+            .trim()
+            .strip_prefix('{')
+            .and_then(|j| j.strip_suffix('}'));
+        let inner = inner.unwrap_or_else(|| panic!("not a JSON object: {json}"));
+        (inner.split(','))
+            .map(|pair| {
+                let (key, value) = pair.split_once(':').expect("\"key\":value");
+                assert!(value.parse::<f64>().is_ok(), "{pair} is no number");
+                let key = key.strip_prefix('"').and_then(|k| k.strip_suffix('"'));
+                key.expect("a quoted key").to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn status_json_keys_are_unique() {
+        let json = status_json(&StatsSnapshot::default(), Duration::from_secs(1));
+        let keys = json_keys(&json);
+        let unique: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len(), "a key repeats in {json}");
+        // One key per counter, and both connection counts are there.
+        assert_eq!(
+            keys.len(),
+            counters(&StatsSnapshot::default(), Duration::ZERO).len()
+        );
+        for key in [
+            "connections",
+            "connections_total",
+            "post_replies",
+            "uptime_seconds",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "no {key} in {json}");
+        }
     }
 
     #[test]

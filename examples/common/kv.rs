@@ -255,6 +255,11 @@ fn router(store: &Store) -> Router {
         })
 }
 
+/// `--addr`: `HOST:PORT` or tbnet's `tcp:HOST:PORT`, resolved once.
+pub fn endpoint(s: &str) -> Result<SocketAddr, String> {
+    tbnet::ToEndpoint::to_endpoint(s).map_err(|e| e.to_string())
+}
+
 /// Starts the server on `addr`; returns the transport and the bound address.
 pub fn start(
     addr: SocketAddr,

@@ -62,11 +62,12 @@ impl Tally {
         &mut self,
         result: Result<Packet, Error>,
         sent: &Bytes,
+        bodies: &Bodies,
         started: Instant,
         progress: &Progress,
     ) {
         match result {
-            Ok(response) if response.body() == sent => {
+            Ok(response) if bodies.echoed(sent, response.body()) => {
                 let us = started.elapsed().as_micros().max(1) as u64;
                 self.latency_us.saturating_record(us);
                 self.ok += 1;
@@ -104,22 +105,72 @@ pub struct Progress {
 /// front, so a response delivered to the wrong request is caught.
 pub struct Bodies {
     template: Bytes,
+    ascii: bool,
 }
 
+/// Smallest and largest `--size` of an ASCII body (its NUL included).
+pub const ASCII_SIZES: std::ops::RangeInclusive<usize> = 24..=4096;
+
+/// Decimal digits of the sequence number at the front of an ASCII body.
+const ASCII_DIGITS: usize = 20;
+
 impl Bodies {
+    /// Binary bodies: the sequence number's big-endian bytes, then letters.
     pub fn new(size: usize) -> Self {
         let template: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
         Bodies {
             template: template.into(),
+            ascii: false,
+        }
+    }
+
+    /// C-string bodies for a C++ tbnet echo server, which treats a body as
+    /// a NUL-terminated string: `size - 1` printable ASCII bytes (the
+    /// sequence number in decimal, then letters) and a NUL. Its echo server
+    /// answers with the string cut at the NUL and at 4095 bytes, byte 21
+    /// forced to `'a'`: so `size` is at most 4096 and bytes 20 and 21 are
+    /// `'a'` already. `size` must be in [`ASCII_SIZES`].
+    pub fn ascii(size: usize) -> Self {
+        assert!(ASCII_SIZES.contains(&size), "ASCII body size {size}");
+        let mut template: Vec<u8> = (0..size - 1)
+            .map(|i| match i {
+                ..=21 => b'a',
+                _ => b'a' + (i % 26) as u8,
+            })
+            .collect();
+        template.push(0);
+        Bodies {
+            template: template.into(),
+            ascii: true,
         }
     }
 
     pub fn make(&self, seq: u64) -> Bytes {
         let mut body = BytesMut::from(&self.template[..]);
-        let stamp = seq.to_be_bytes();
-        let n = stamp.len().min(body.len());
-        body[..n].copy_from_slice(&stamp[stamp.len() - n..]);
+        if self.ascii {
+            let digits = format!("{seq:0width$}", width = ASCII_DIGITS);
+            let digits = &digits.as_bytes()[digits.len() - ASCII_DIGITS..];
+            body[..ASCII_DIGITS].copy_from_slice(digits);
+        } else {
+            let stamp = seq.to_be_bytes();
+            let n = stamp.len().min(body.len());
+            body[..n].copy_from_slice(&stamp[stamp.len() - n..]);
+        }
         body.freeze()
+    }
+
+    /// Whether `got` echoes `sent`: byte for byte, or for ASCII bodies the
+    /// same string (a terminating NUL on either side is not part of it).
+    pub fn echoed(&self, sent: &[u8], got: &[u8]) -> bool {
+        if !self.ascii {
+            return got == sent;
+        }
+        fn string(body: &[u8]) -> &[u8] {
+            body.split(|&b| b == 0).next().unwrap_or_default()
+        }
+        // Anything after the first NUL in the reply is not part of its
+        // string; the string itself must be all there.
+        string(got) == string(sent) && got.len() <= sent.len()
     }
 }
 
@@ -151,7 +202,7 @@ pub fn drive_call(run: &Arc<Run>, depth: usize) -> Tally {
                     let body = run.next_body();
                     let started = Instant::now();
                     let result = manager.call(run.addr, Packet::new(0, body.clone()), None);
-                    tally.record(result, &body, started, &run.progress);
+                    tally.record(result, &body, &run.bodies, started, &run.progress);
                 }
                 tally
             })
@@ -186,6 +237,7 @@ impl Chain {
                     chain.tally.lock().expect("tally lock").record(
                         result,
                         &sent,
+                        &chain.run.bodies,
                         started,
                         &chain.run.progress,
                     );
@@ -195,6 +247,7 @@ impl Chain {
             self.tally.lock().expect("tally lock").record(
                 Err(e.error().clone()),
                 &Bytes::new(),
+                &self.run.bodies,
                 started,
                 &self.run.progress,
             );
@@ -261,9 +314,13 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                         let started = Instant::now();
                         match manager.call_async(run.addr, Packet::new(0, body.clone()), None) {
                             Ok(future) => return Some((future, body, started)),
-                            Err(e) => {
-                                tally.record(Err(e.error().clone()), &body, started, &run.progress)
-                            }
+                            Err(e) => tally.record(
+                                Err(e.error().clone()),
+                                &body,
+                                &run.bodies,
+                                started,
+                                &run.progress,
+                            ),
                         }
                     }
                 };
@@ -276,7 +333,7 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                             let Poll::Ready(result) = Pin::new(future).poll(&mut cx) else {
                                 break;
                             };
-                            tally.record(result, body, *started, &run.progress);
+                            tally.record(result, body, &run.bodies, *started, &run.progress);
                             *slot = start(&mut tally);
                         }
                     }

@@ -59,6 +59,8 @@ pub struct ChannelPool {
     /// popped or compacted away (lazy deletion).
     deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
     capacity: usize,
+    /// How many may be pending now (`1..=`[`max_limit`](Self::max_limit)).
+    limit: usize,
     index_bits: u32,
     /// Bit 31 of every id issued: 0, or `SERVER_BIT`.
     mark: u32,
@@ -137,6 +139,11 @@ impl Ready {
         self.completion.is_callback()
     }
 
+    /// Whether this ends a one-way post, whose outcome nobody receives.
+    pub(crate) fn is_discard(&self) -> bool {
+        self.completion.is_discard()
+    }
+
     /// The outcome this will deliver.
     pub fn result(&self) -> &Result<Packet, Error> {
         &self.result
@@ -156,6 +163,7 @@ impl fmt::Debug for ChannelPool {
         f.debug_struct("ChannelPool")
             .field("pending", &self.entries.len())
             .field("capacity", &self.capacity)
+            .field("limit", &self.limit)
             .finish_non_exhaustive()
     }
 }
@@ -172,6 +180,7 @@ impl ChannelPool {
             generations: Vec::new(),
             deadlines: BinaryHeap::new(),
             capacity,
+            limit: capacity,
             index_bits,
             mark: 0,
         }
@@ -198,9 +207,46 @@ impl ChannelPool {
         }
     }
 
-    /// Most requests this pool can hold.
+    /// The capacity the pool was made with (what its channel ids' bits
+    /// were split for).
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Most requests that may be pending now: the capacity, unless
+    /// [`set_limit`](Self::set_limit) changed it.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The highest limit [`set_limit`](Self::set_limit) accepts: every slot
+    /// number the ids' index bits can carry (at least the capacity, at most
+    /// [`MAX_PENDING`]).
+    pub fn max_limit(&self) -> usize {
+        ((1usize << self.index_bits) - 1).min(MAX_PENDING)
+    }
+
+    /// Changes how many requests may be pending, clamped to
+    /// `1..=`[`max_limit`](Self::max_limit); returns the limit now in force.
+    /// Requests already pending stay, even above a lowered limit; new ones
+    /// are refused until the count is below it.
+    ///
+    /// # Examples
+    /// ```
+    /// use tbnet::ChannelPool;
+    ///
+    /// let mut pool = ChannelPool::new(256);
+    /// assert_eq!(pool.set_limit(8), 8);
+    /// assert_eq!(pool.set_limit(100_000), 511); // 9 index bits
+    /// ```
+    pub fn set_limit(&mut self, limit: usize) -> usize {
+        self.limit = limit.clamp(1, self.max_limit());
+        self.limit
+    }
+
+    /// Whether a request could be allocated now.
+    pub fn has_room(&self) -> bool {
+        self.entries.len() < self.limit
     }
 
     /// Requests pending now.
@@ -253,7 +299,7 @@ impl ChannelPool {
         sent: Option<Instant>,
         deadline: Instant,
     ) -> Result<ChannelId, Completion> {
-        if self.entries.len() >= self.capacity {
+        if !self.has_room() {
             return Err(completion);
         }
         let slot = self.entries.vacant_key();

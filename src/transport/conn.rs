@@ -14,7 +14,7 @@ use crate::completion::{Cancel, Completion};
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
 use crate::proto::{ChannelPool, Codec, PacketStreamer, Ready, Side, WriteQueue, SERVER_BIT};
-use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
 
 use super::events::{ConnectionEvents, DefaultHandler};
 use super::handler::ReplyTo;
@@ -45,6 +45,9 @@ pub(crate) struct ConnState {
     ended_early: bool,
     /// When it closed.
     closed_at: Option<Instant>,
+    /// Why it closed (what `close` was given: an I/O error, a bad frame,
+    /// `Shutdown`, ...), for `wait_open`.
+    cause: Option<Error>,
     /// The timer entry that expires this connection's requests.
     requests_timer: Option<TimerKey>,
     /// The timer entry of a delayed reconnect.
@@ -56,6 +59,9 @@ pub(crate) struct ConnState {
     /// the connection waits for, so even a dropped request wakes the IO
     /// thread.
     draining: bool,
+    /// Submitters blocked in `room` until a request slot frees: whoever
+    /// frees one (or closes) notifies them after releasing the lock.
+    room_waiters: usize,
 }
 
 /// A submission the connection refused, with everything handed back.
@@ -83,6 +89,9 @@ pub(crate) struct Conn {
     expects_responses: AtomicBool,
     pub(crate) shared: Arc<Shared>,
     state: Mutex<ConnState>,
+    /// Signalled when a full channel pool gets room or the connection
+    /// closes, for submitters that wait for room.
+    room: Condvar,
     flush_scheduled: AtomicBool,
     /// Runs of this connection's requests going on now: the IO thread's
     /// inline decode pass, or a worker's pass or strand turn. Replies made
@@ -128,12 +137,15 @@ impl Conn {
                 responded: false,
                 ended_early: false,
                 closed_at: None,
+                cause: None,
                 status,
                 requests_timer: None,
                 reconnect_timer: None,
                 answered: 0,
                 draining: false,
+                room_waiters: 0,
             }),
+            room: Condvar::new(),
             flush_scheduled: AtomicBool::new(false),
             batches: AtomicUsize::new(0),
             token: AtomicUsize::new(NO_TOKEN),
@@ -245,10 +257,35 @@ impl Conn {
 
     /// The connect completed at `now`.
     pub(crate) fn mark_open(&self, now: Instant) {
+        let waiters = {
+            let mut state = self.state.lock();
+            if matches!(state.status, Status::Connecting) {
+                state.status = Status::Open;
+                state.opened_at = Some(now);
+            }
+            state.room_waiters > 0
+        };
+        self.wake_room_waiters(waiters);
+    }
+
+    /// Blocks until the connection is open (`Ok`), closed (the cause it
+    /// closed with), or `until` passes (`Timeout`). Woken by `mark_open` and
+    /// `close`.
+    pub(crate) fn wait_open(&self, until: Instant) -> Result<(), Error> {
         let mut state = self.state.lock();
-        if matches!(state.status, Status::Connecting) {
-            state.status = Status::Open;
-            state.opened_at = Some(now);
+        loop {
+            match &state.status {
+                Status::Open => return Ok(()),
+                Status::Closed(error) => {
+                    return Err(state.cause.clone().unwrap_or_else(|| error.clone()))
+                }
+                Status::Connecting if Instant::now() >= until => return Err(Error::Timeout),
+                Status::Connecting => {
+                    state.room_waiters += 1;
+                    state = self.room.wait_until(state, until);
+                    state.room_waiters -= 1;
+                }
+            }
         }
     }
 
@@ -283,50 +320,109 @@ impl Conn {
         }
     }
 
+    /// Changes how many requests may be pending (see
+    /// `ChannelPool::set_limit`); returns the limit now in force. A raise
+    /// wakes submitters waiting for room.
+    pub(crate) fn set_queue_limit(&self, limit: usize) -> usize {
+        let (limit, notify) = {
+            let mut state = self.state.lock();
+            let limit = state.pool.set_limit(limit);
+            (limit, state.room_waiters > 0 && state.pool.has_room())
+        };
+        if notify {
+            self.room.notify_all();
+        }
+        limit
+    }
+
+    /// Submitters blocked now waiting for room (or for the connect).
+    pub(crate) fn room_waiters(&self) -> usize {
+        self.state.lock().room_waiters
+    }
+
+    /// After a removal: wakes the submitters waiting for room, if any (the
+    /// caller read `room_waiters` under the lock and calls this after it).
+    fn wake_room_waiters(&self, waiters: bool) {
+        if waiters {
+            self.room.notify_all();
+        }
+    }
+
+    /// A reconnect delayed by backoff starts now (an explicit connect):
+    /// takes its timer entry and hands the connect to the IO thread. Does
+    /// nothing if no delayed connect is waiting, or the timer already took
+    /// it (then it is on its way).
+    pub(crate) fn connect_now(self: &Arc<Self>) {
+        let taken = {
+            let mut state = self.state.lock();
+            (state.reconnect_timer.take()).and_then(|key| self.shared.timer.remove(key))
+        };
+        // After the lock: it may be the last reference, and a command may
+        // fail requests.
+        if let Some(conn) = taken {
+            self.shared.command(Command::Connect(conn));
+        }
+    }
+
     /// Registers a request and queues its frame. The request's channel id is
     /// set here.
+    ///
+    /// When the channel pool is full and `room_until` is given, waits until
+    /// then for a slot to free (woken by whatever frees one, or by the
+    /// connection closing) instead of refusing at once.
     pub(crate) fn submit(
         self: &Arc<Self>,
         mut packet: Packet,
         sent: Instant,
         deadline: Instant,
         completion: Completion,
+        room_until: Option<Instant>,
     ) -> Result<ChannelId, Rejected> {
+        let mut completion = completion;
         let register = {
             let mut state = self.state.lock();
-            if let Status::Closed(error) = &state.status {
-                let error = error.clone();
-                return Err(Rejected {
-                    error,
-                    packet,
-                    completion,
-                });
-            }
-            if let Some(error) = self.too_large(&packet) {
-                return Err(Rejected {
-                    error,
-                    packet,
-                    completion,
-                });
-            }
-            if state.out.len() >= self.shared.config.max_outbound {
-                return Err(Rejected {
-                    error: Error::QueueFull,
-                    packet,
-                    completion,
-                });
-            }
-            let id = match state
-                .pool
-                .allocate_request(completion, packet.pcode(), sent, deadline)
-            {
-                Ok(id) => id,
-                Err(completion) => {
+            let id = loop {
+                if let Status::Closed(error) = &state.status {
+                    let error = error.clone();
+                    return Err(Rejected {
+                        error,
+                        packet,
+                        completion,
+                    });
+                }
+                if let Some(error) = self.too_large(&packet) {
+                    return Err(Rejected {
+                        error,
+                        packet,
+                        completion,
+                    });
+                }
+                if state.out.len() >= self.shared.config.max_outbound {
                     return Err(Rejected {
                         error: Error::QueueFull,
                         packet,
                         completion,
-                    })
+                    });
+                }
+                match (state.pool).allocate_request(completion, packet.pcode(), sent, deadline) {
+                    Ok(id) => break id,
+                    Err(back) => completion = back,
+                }
+                // Full: wait for room if asked to (a slot freed, a raised
+                // limit or a close notifies), else refuse at once.
+                match room_until {
+                    Some(until) if Instant::now() < until => {
+                        state.room_waiters += 1;
+                        state = self.room.wait_until(state, until);
+                        state.room_waiters -= 1;
+                    }
+                    _ => {
+                        return Err(Rejected {
+                            error: Error::QueueFull,
+                            packet,
+                            completion,
+                        })
+                    }
                 }
             };
             packet.set_channel_id(id);
@@ -376,15 +472,16 @@ impl Conn {
         })
     }
 
-    /// Queues a frame that expects no response (channel id as given).
-    pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
-        self.queue_frame(packet, false)
-    }
-
     /// Queues a server's reply and counts its request as answered; a reply
     /// refused (the connection closed, or too large) is counted as dropped.
     pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
         self.queue_frame(packet, true)
+    }
+
+    /// Queues a frame that expects no response (channel id as given): a
+    /// server's one-way packet to its client.
+    pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        self.queue_frame(packet, false)
     }
 
     /// A request no route wanted: counted in the transport's stats.
@@ -548,7 +645,8 @@ impl Conn {
         let mut late = 0;
         // Allocates only when the server sent something of its own.
         let mut unsolicited = Vec::new();
-        {
+        let mut discarded = 0;
+        let room_waiters = {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
                 let id = response.channel_id();
@@ -560,15 +658,21 @@ impl Conn {
                     .pool
                     .finish(id, crate::proto::reply::classify(response))
                 {
+                    // A post's reply: nobody waits for it; its `Ready`
+                    // fires nothing.
+                    Some(ready) if ready.is_discard() => discarded += 1,
                     Some(ready) => buffer.push(ready),
                     None => late += 1,
                 }
             }
-            if !buffer.is_empty() {
+            if !buffer.is_empty() || discarded > 0 {
                 state.responded = true;
             }
-        }
-        self.shared.stats.pending_removed(buffer.len());
+            state.room_waiters > 0
+        };
+        self.wake_room_waiters(room_waiters);
+        self.shared.stats.pending_removed(buffer.len() + discarded);
+        self.shared.stats.post_replies(discarded);
         self.trace_outcomes(&buffer);
         self.shared.stats.late_responses(late);
         if late > 0 {
@@ -610,6 +714,7 @@ impl Conn {
     /// one stays the connection's, so no entry is ever left untracked.
     pub(crate) fn expire(self: &Arc<Self>, fired: TimerKey, now: Instant) {
         let mut expired = Vec::new();
+        let room_waiters;
         let replaced = {
             let mut state = self.state.lock();
             if state.requests_timer == Some(fired) {
@@ -619,6 +724,7 @@ impl Conn {
                 return;
             }
             state.pool.expire(now, &mut expired);
+            room_waiters = state.room_waiters > 0 && !expired.is_empty();
             let next = state.pool.next_deadline();
             match (next, state.requests_timer) {
                 (Some(next), tracked) if tracked.map_or(true, |(at, _)| next < at) => {
@@ -633,6 +739,7 @@ impl Conn {
         };
         // Dropped after the lock: it may be the last reference.
         drop(replaced);
+        self.wake_room_waiters(room_waiters);
         let outcomes = Outcomes::new(&self.shared, expired);
         if outcomes.len() > 0 {
             self.shared.stats.pending_removed(outcomes.len());
@@ -645,26 +752,40 @@ impl Conn {
     /// with `Shutdown` if `error` is `Shutdown`, else with `Disconnected`.
     /// Empty if it was closed already.
     pub(crate) fn close(&self, error: Error) -> Outcomes<'_> {
+        self.close_as(error, false)
+    }
+
+    /// Closed by its owner (`ConnectionManager::disconnect`): pending
+    /// requests fail with `Disconnected`, and the close says nothing about
+    /// the peer's health (it is no early failure). The caller also asks the
+    /// IO thread to drop the socket.
+    pub(crate) fn close_by_owner(&self) -> Outcomes<'_> {
+        self.close_as(Error::Disconnected, true)
+    }
+
+    fn close_as(&self, error: Error, by_owner: bool) -> Outcomes<'_> {
         let request_error = match error {
             Error::Shutdown => Error::Shutdown,
             _ => Error::Disconnected,
         };
         let mut failed = Vec::new();
         let mut timers = Vec::new();
-        {
+        let room_waiters = {
             let mut state = self.state.lock();
             if matches!(state.status, Status::Closed(_)) {
                 return Outcomes::new(&self.shared, failed);
             }
             let now = Instant::now();
             state.closed_at = Some(now);
-            // Our own shutdown says nothing about the peer's health.
-            if self.side == Side::Client && !matches!(error, Error::Shutdown) {
+            // Our own shutdown or disconnect says nothing about the peer's
+            // health.
+            if self.side == Side::Client && !by_owner && !matches!(error, Error::Shutdown) {
                 let proved =
                     state.responded || state.opened_at.is_some_and(|at| now - at >= self.grace);
                 state.ended_early = !proved;
             }
             state.status = Status::Closed(request_error.clone());
+            state.cause = Some(error);
             state.pool.fail_all(&request_error, &mut failed);
             // Release the table's memory: a closed connection may outlive its
             // close for a while (responders still held).
@@ -680,8 +801,11 @@ impl Conn {
             if state.ended_early {
                 self.shared.stats.early_failure();
             }
-        }
+            state.room_waiters > 0
+        };
         drop(timers);
+        // Waiters see the close and give up.
+        self.wake_room_waiters(room_waiters);
         self.shared.stats.pending_removed(failed.len());
         self.trace_outcomes(&failed);
         Outcomes::new(&self.shared, failed)
@@ -713,8 +837,12 @@ impl Conn {
 
 impl Cancel for Conn {
     fn cancel(&self, id: ChannelId) {
-        let cancelled = self.state.lock().pool.cancel(id);
+        let (cancelled, room_waiters) = {
+            let mut state = self.state.lock();
+            (state.pool.cancel(id), state.room_waiters > 0)
+        };
         if let Some(ready) = cancelled {
+            self.wake_room_waiters(room_waiters);
             self.shared.stats.pending_removed(1);
             self.shared.deliver_all(std::iter::once(ready));
         }
@@ -752,7 +880,7 @@ mod loom_tests {
     /// Submits a request pending until `deadline`.
     fn request(conn: &Arc<Conn>, t0: Instant, deadline: Instant) -> (ChannelId, ResponseFuture) {
         let (future, completion) = ResponseFuture::new();
-        match conn.submit(Packet::new(PCODE, "ping"), t0, deadline, completion) {
+        match conn.submit(Packet::new(PCODE, "ping"), t0, deadline, completion, None) {
             Ok(id) => (id, future),
             Err(rejected) => panic!("submit refused: {}", rejected.error),
         }
@@ -871,6 +999,35 @@ mod loom_tests {
                     "a closed connection keeps a deadline"
                 );
             }
+            teardown(conn);
+        });
+    }
+
+    /// A submission finds the queue full and waits for room while the
+    /// response that frees it arrives: whichever comes first, the waiter is
+    /// not left asleep (loom reports a deadlock if the wakeup is lost).
+    #[test]
+    fn loom_conn_a_submission_waiting_for_room_is_woken_by_a_response() {
+        loom::model(|| {
+            let t0 = Instant::now();
+            let far = t0 + Duration::from_secs(3600);
+            let (conn, _poll) = open_client(t0);
+            conn.set_queue_limit(1);
+            let (id, first) = request(&conn, t0, far);
+            let responder = {
+                let conn = conn.clone();
+                thread::spawn(move || respond(&conn, id))
+            };
+            let (second, completion) = ResponseFuture::new();
+            let submitted =
+                conn.submit(Packet::new(PCODE, "second"), t0, far, completion, Some(far));
+            responder.join().unwrap();
+
+            assert!(submitted.is_ok(), "the freed slot went to the waiter");
+            assert!(matches!(outcome(first), Ok(p) if &p.body()[..] == b"pong"));
+            assert_eq!(conn.room_waiters(), 0);
+            assert_eq!(conn.state.lock().pool.len(), 1);
+            drop(second);
             teardown(conn);
         });
     }

@@ -122,7 +122,7 @@ pub enum ConnectionEvent {
 ///     let _ = tx.lock().unwrap().send((conn.peer(), event));
 /// };
 /// let addr = transport.listen_with_options(
-///     "127.0.0.1:0".parse().unwrap(),
+///     "127.0.0.1:0",
 ///     |req: Packet, resp: Responder| { let _ = resp.reply(req.reply("ok")); },
 ///     ListenOptions::new().events(hook),
 /// )?;
@@ -255,7 +255,9 @@ impl ConnectionHandle {
     /// On a server connection it carries channel id 0: the client expects
     /// to answer nothing and hands it to its default handler. On a client
     /// connection it takes a real channel id (a tbnet server aborts on id
-    /// 0), held for the default timeout (5 s); a reply is discarded.
+    /// 0), held for the default timeout (5 s); a reply is discarded and
+    /// counted in [`StatsSnapshot::post_replies`](crate::StatsSnapshot::post_replies),
+    /// as for [`ConnectionManager::post`](crate::ConnectionManager::post).
     ///
     /// # Errors
     /// The packet handed back if the connection closed, if its unwritten
@@ -268,9 +270,7 @@ impl ConnectionHandle {
                 packet.set_channel_id(ChannelId::NONE);
                 self.conn.send_frame(packet)
             }
-            Side::Client => self
-                .submit(packet, None, Completion::callback(|_| {}))
-                .map(drop),
+            Side::Client => self.submit(packet, None, Completion::discard()).map(drop),
         }
     }
 
@@ -344,7 +344,7 @@ impl ConnectionHandle {
         // Before the request can be written: its response will find the
         // flag set.
         self.conn.expect_responses();
-        match self.conn.submit(request, sent, deadline, completion) {
+        match self.conn.submit(request, sent, deadline, completion, None) {
             Ok(id) => Ok(id),
             Err(Rejected {
                 error,

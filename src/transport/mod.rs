@@ -466,7 +466,7 @@ impl TransportBuilder {
 /// use tbnet::{ConnectionManager, Packet, Responder, Transport};
 ///
 /// let transport = Transport::builder().start()?;
-/// let addr = transport.listen("127.0.0.1:0".parse().unwrap(), |req: Packet, resp: Responder| {
+/// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
 ///     let _ = resp.reply(req.reply(req.body().clone()));
 /// })?;
 /// let client = ConnectionManager::new(&transport);

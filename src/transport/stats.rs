@@ -38,7 +38,8 @@ const BAD_FRAMES: usize = 6;
 const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
-const UNHANDLED: usize = 10;
+const POST_REPLIES: usize = 10;
+const UNHANDLED: usize = 11;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -49,7 +50,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<11>,
+    io: Line<12>,
     callers: Line<5>,
 }
 
@@ -86,6 +87,11 @@ impl Stats {
     }
     pub(crate) fn early_failure(&self) {
         self.io.add(EARLY_FAILURES, 1);
+    }
+    pub(crate) fn post_replies(&self, n: usize) {
+        if n > 0 {
+            self.io.add(POST_REPLIES, n as u64);
+        }
     }
     pub(crate) fn packets_out(&self, n: usize) {
         if n > 0 {
@@ -132,6 +138,7 @@ impl Stats {
             half_closes: self.io.get(HALF_CLOSES),
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
+            post_replies: self.io.get(POST_REPLIES),
             unhandled: self.io.get(UNHANDLED),
         }
     }
@@ -180,6 +187,10 @@ pub struct StatsSnapshot {
     /// connect, or closed before their first response and within the
     /// health grace): each made the next reconnect wait longer.
     pub early_failures: u64,
+    /// Replies to one-way messages sent with
+    /// [`ConnectionManager::post`](crate::ConnectionManager::post): matched
+    /// to their channel id, then discarded.
+    pub post_replies: u64,
     /// Packets a server sent a client on its own (one-way, or requests)
     /// that found no default handler
     /// ([`ConnectionManager::set_default_handler`](crate::ConnectionManager::set_default_handler)),

@@ -107,24 +107,17 @@ fn late_response_is_dropped_and_counted_never_delivered_to_another_request() {
 }
 
 #[test]
-fn post_sends_one_way_with_channel_id_zero_and_its_reply_is_discarded() {
+fn post_reaches_our_server_with_a_real_channel_id_and_its_reply_is_discarded() {
     let server_transport = transport();
-    // One-way requests whose handler finished: kept and counted in one step.
+    // Requests the handler finished: kept and counted in one step.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let addr = {
         let seen = seen.clone();
         server_transport
             .listen(loopback(), move |request: Packet, responder: Responder| {
-                if !responder.is_one_way() {
-                    echo(request, responder);
-                    return;
-                }
-                let reply = responder.reply(request.reply("nobody asked"));
-                assert!(
-                    reply.is_ok(),
-                    "a reply to a one-way request is discarded quietly"
-                );
-                seen.lock().unwrap().push(request);
+                assert!(!responder.is_one_way(), "a post carries a channel id");
+                seen.lock().unwrap().push(request.clone());
+                echo(request, responder);
             })
             .expect("listen")
     };
@@ -134,36 +127,34 @@ fn post_sends_one_way_with_channel_id_zero_and_its_reply_is_discarded() {
     let mut message = Packet::new(9, "fire and forget");
     message.set_channel_id(ChannelId(1234));
     client.post(addr, message).expect("post");
-    assert!(wait_until(WAIT_LIMIT, || seen.lock().unwrap().len() == 1));
+    assert!(wait_until(WAIT_LIMIT, || client_transport
+        .stats()
+        .post_replies
+        == 1));
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
-    assert_eq!(
+    assert_ne!(seen[0].channel_id(), ChannelId::NONE);
+    assert_ne!(
         seen[0].channel_id(),
-        ChannelId::NONE,
-        "post sends channel id 0"
+        ChannelId(1234),
+        "the manager picks the id"
     );
     assert_eq!(
         (seen[0].pcode().get(), &seen[0].body()[..]),
         (9, &b"fire and forget"[..])
     );
-    assert_eq!(
-        client_transport.stats().pending,
-        0,
-        "a post leaves nothing pending"
-    );
+    let client_stats = client_transport.stats();
+    assert_eq!(client_stats.pending, 0, "the reply freed the post's slot");
+    assert_eq!(client_stats.late_responses, 0, "{client_stats:?}");
 
-    // A discarded reply would have been queued before this call's reply, on
-    // the same connection, so it would arrive first and count as late.
     let response = client.call(addr, Packet::new(1, "after"), Some(NEVER));
     assert_eq!(response.expect("a response").body(), "after");
     let client_stats = client_transport.stats();
-    assert_eq!(client_stats.packets_in, 1, "{client_stats:?}");
+    assert_eq!(client_stats.packets_in, 2, "{client_stats:?}");
+    assert_eq!(client_stats.post_replies, 1, "{client_stats:?}");
     assert_eq!(client_stats.late_responses, 0, "{client_stats:?}");
-    assert_eq!(
-        server_transport.stats().packets_out,
-        1,
-        "only the call was answered"
-    );
+    stop(&client_transport);
+    stop(&server_transport);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod client;
 mod concurrency;
+mod data_buffer;
 mod events;
 mod exactly_once;
 mod examples;
@@ -13,13 +14,17 @@ mod framing;
 mod half_close;
 mod handles;
 mod hostile;
+mod manager_control;
 mod ordered;
+mod post;
+mod queue_wait;
 mod reconnect;
 mod reconnect_storm;
 mod regressions;
 mod server;
 mod shutdown;
 mod soak;
+mod spec;
 mod status;
 mod support;
 mod typed;

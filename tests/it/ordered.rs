@@ -85,7 +85,7 @@ fn ordered_dispatch_answers_each_connection_in_arrival_order() {
         move |request: Packet, responder: Responder| uneven.handle(request, responder)
     };
     let addr = server
-        .listen_with("127.0.0.1:0".parse().unwrap(), handler, Dispatch::Ordered)
+        .listen_with("127.0.0.1:0", handler, Dispatch::Ordered)
         .unwrap();
     let per_conn = 300;
     let clients: Vec<_> = (0..4)
@@ -131,7 +131,7 @@ fn ordered_dispatch_runs_different_connections_in_parallel() {
         }
     };
     let addr = server
-        .listen_with("127.0.0.1:0".parse().unwrap(), handler, Dispatch::Ordered)
+        .listen_with("127.0.0.1:0", handler, Dispatch::Ordered)
         .unwrap();
     let client = transport();
     let (a, b) = (
@@ -172,7 +172,7 @@ fn a_full_ordered_queue_pauses_reading_and_loses_nothing() {
         }
     };
     let addr = server
-        .listen_with("127.0.0.1:0".parse().unwrap(), handler, Dispatch::Ordered)
+        .listen_with("127.0.0.1:0", handler, Dispatch::Ordered)
         .unwrap();
     let n = 2000;
     let mut stream = raw_client(addr);
@@ -267,11 +267,7 @@ fn an_ordered_batch_adaptor_gets_everything_waiting_at_once() {
     let gate = Gate::default();
     let batches = Batches::new(Some((entered_tx, gate.clone())));
     let addr = server
-        .listen_batch(
-            "127.0.0.1:0".parse().unwrap(),
-            Shared(batches.clone()),
-            Dispatch::Ordered,
-        )
+        .listen_batch("127.0.0.1:0", Shared(batches.clone()), Dispatch::Ordered)
         .unwrap();
     let mut stream = raw_client(addr);
     stream.write_all(&frame(1, 7, &1u32.to_be_bytes())).unwrap();
@@ -303,11 +299,7 @@ fn a_batch_adaptor_answers_every_request_on_the_io_thread_and_on_workers() {
         let server = Transport::builder().workers(2).start().unwrap();
         let batches = Batches::new(None);
         let addr = server
-            .listen_batch(
-                "127.0.0.1:0".parse().unwrap(),
-                Shared(batches.clone()),
-                dispatch,
-            )
+            .listen_batch("127.0.0.1:0", Shared(batches.clone()), dispatch)
             .unwrap();
         let n = 400;
         let mut stream = raw_client(addr);
@@ -353,7 +345,7 @@ fn a_panicking_batch_handler_costs_only_its_batch() {
     let server = Transport::builder().workers(1).start().unwrap();
     let addr = server
         .listen_batch(
-            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0",
             PanicOnce(AtomicBool::new(false)),
             Dispatch::Ordered,
         )

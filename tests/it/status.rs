@@ -95,3 +95,39 @@ fn the_status_page_is_off_by_default() {
     assert_eq!(server.transport.stats().bad_frames, 1);
     stop(&server.transport);
 }
+
+/// Regression: `connections_total` lost its `_total` in the JSON and
+/// printed a second `connections` key. Every key of the real page, after
+/// traffic of every kind counted there, appears once.
+#[test]
+fn status_json_keys_are_unique() {
+    let server = status_server();
+    let client = transport();
+    let manager = ConnectionManager::new(&client);
+    manager
+        .call(server.addr, Packet::new(1, "x"), Some(NEVER))
+        .unwrap();
+    let status = http(server.addr, b"GET /status HTTP/1.1\r\n\r\n");
+    let body = status.split("\r\n\r\n").nth(1).unwrap().trim();
+    let inner = body
+        .strip_prefix('{')
+        .and_then(|b| b.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("not a JSON object: {body}"));
+    let keys: Vec<&str> = inner
+        .split(',')
+        .map(|pair| pair.split_once(':').expect("\"key\":value").0)
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), keys.len(), "a key repeats: {body}");
+    for key in [
+        "\"connections\"",
+        "\"connections_total\"",
+        "\"post_replies\"",
+    ] {
+        assert!(keys.contains(&key), "no {key} in {body}");
+    }
+    stop(&client);
+    stop(&server.transport);
+}
