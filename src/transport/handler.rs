@@ -12,8 +12,10 @@ use crate::error::SendError;
 use crate::metrics::ErrorKind;
 use crate::packet::{ChannelId, Packet, PacketCode};
 use crate::proto::reply::ERROR_PCODE;
+use crate::proto::Codec;
 
 use super::conn::Conn;
+use super::events::ConnectionEvents;
 use super::stats::StatsSnapshot;
 
 /// Where a listener's requests are handled.
@@ -84,6 +86,10 @@ pub(crate) struct Service {
     /// Hand the handler each decode pass's requests as one batch.
     pub(crate) batches: bool,
     pub(crate) sniffer: Option<Arc<dyn Sniffer>>,
+    /// What hears the listener's connections open and close.
+    pub(crate) events: Option<Arc<dyn ConnectionEvents>>,
+    /// The listener's framing, if not the transport's.
+    pub(crate) codec: Option<Codec>,
 }
 
 /// The way back for one request: the transport's half of a responder.

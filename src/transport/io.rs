@@ -21,9 +21,10 @@ use slab::Slab;
 
 use crate::error::Error;
 use crate::packet::Packet;
-use crate::proto::{CloseReason, Connection, Limits, Phase, Ready, Side};
+use crate::proto::{CloseReason, Connection, FrameError, Limits, Phase, Ready, Side};
 
 use super::conn::{Conn, NO_TOKEN};
+use super::events::{CloseReason as EventReason, ConnectionEvent, SERVER_QUEUE_LIMIT};
 use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
 use super::stream::Stream;
 use super::timer::{Kind, TimerKey};
@@ -72,6 +73,8 @@ struct IoConn {
     strand: Option<Arc<Strand>>,
     /// The connection's deadline registered with the timer.
     timer: Option<TimerKey>,
+    /// Its connect event was queued: its close event will be too.
+    announced: bool,
 }
 
 struct IoLoop {
@@ -155,6 +158,28 @@ fn close_error(reason: CloseReason) -> Error {
     }
 }
 
+/// What a connection's close hook hears for the state machine's `reason`.
+fn event_reason(reason: CloseReason) -> EventReason {
+    match reason {
+        // (A connection that never opened has no close event.)
+        CloseReason::ConnectTimedOut | CloseReason::Idle => EventReason::Idle,
+        CloseReason::PeerClosed | CloseReason::Drained => EventReason::PeerClosed,
+        CloseReason::Answered => EventReason::Local,
+    }
+}
+
+/// What a connection's close hook hears when it closes with `error` (the
+/// sites that know better say so).
+fn error_reason(error: &Error) -> EventReason {
+    match error {
+        Error::Shutdown => EventReason::Shutdown,
+        Error::Timeout => EventReason::Idle,
+        Error::Io(_) => EventReason::Reset,
+        Error::MalformedFrame(_) | Error::FrameTooLarge { .. } => EventReason::BadFrame,
+        _ => EventReason::PeerClosed,
+    }
+}
+
 impl IoLoop {
     /// Runs every queued command; true on `Shutdown`.
     fn run_commands(&mut self) -> bool {
@@ -183,7 +208,14 @@ impl IoLoop {
                 }
             }
             Command::Close(conn, error) => match self.token_of(&conn) {
-                Some(token) => self.close(token, error),
+                // Only this side asks for a close.
+                Some(token) => {
+                    let reason = match error {
+                        Error::Shutdown => EventReason::Shutdown,
+                        _ => EventReason::Local,
+                    };
+                    self.close_because(token, reason, error);
+                }
                 // Not connected yet (or never to be): end it all the same.
                 None => drop(conn.close(error)),
             },
@@ -192,6 +224,10 @@ impl IoLoop {
                     self.timeout(token);
                 }
             }
+            Command::CloseWhenWritten(conn) => match self.token_of(&conn) {
+                Some(token) => self.close_when_written(token),
+                None => drop(conn.close(Error::Disconnected)),
+            },
             // Shutting down reads no more requests.
             Command::ResumeReading if stopping => {}
             Command::ResumeReading => self.resume(),
@@ -290,9 +326,31 @@ impl IoLoop {
             stalled: None,
             strand: None,
             timer: None,
+            announced: false,
         }));
         self.shared.stats.connection_opened();
         self.arm(token);
+        self.announce(token);
+    }
+
+    /// Queues the connection's connect event, if it is open and has hooks.
+    fn announce(&mut self, token: usize) {
+        let shared = self.shared.clone();
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        if c.announced || c.state.phase() == Phase::Connecting {
+            return;
+        }
+        if let Some(events) = c.conn.events() {
+            c.announced = true;
+            let kind = if c.conn.is_reconnect() {
+                ConnectionEvent::Reconnected
+            } else {
+                ConnectionEvent::Connected
+            };
+            shared.events.emit(events.clone(), c.conn.clone(), kind);
+        }
     }
 
     /// Registers the connection's next deadline with the timer, if its
@@ -310,6 +368,23 @@ impl IoLoop {
         drop(old);
     }
 
+    /// Takes what is queued on the connection, stops its reading, and
+    /// writes: `write` closes it once everything is out.
+    fn close_when_written(&mut self, token: usize) {
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        if c.state.phase() == Phase::Connecting {
+            // Nothing was written yet, nor can be.
+            self.close_because(token, EventReason::Local, Error::Disconnected);
+            return;
+        }
+        let answered = c.conn.take_output(c.state.out());
+        c.state.set_answered(answered);
+        c.state.close_when_written();
+        self.write(token);
+    }
+
     /// Something may be due on the connection: closes it, or re-arms.
     fn timeout(&mut self, token: usize) {
         let Some(c) = self.conn_mut(token) else {
@@ -324,7 +399,7 @@ impl IoLoop {
                     }
                     _ => tracing::info!(peer = %c.conn.peer(), "closing idle connection"),
                 }
-                self.close(token, close_error(reason));
+                self.close_because(token, event_reason(reason), close_error(reason));
             }
             None => self.arm(token),
         }
@@ -365,13 +440,17 @@ impl IoLoop {
                         listener.failing = false;
                     }
                     let service = listener.service.clone();
-                    let conn = Arc::new(Conn::new(
+                    let conn = Conn::new(
                         self.shared.clone(),
                         peer,
                         Side::Server,
-                        1,
+                        SERVER_QUEUE_LIMIT,
                         Duration::ZERO,
-                    ));
+                    );
+                    let conn = Arc::new(
+                        conn.with_codec(service.codec.clone())
+                            .with_events(service.events.clone(), false),
+                    );
                     tracing::debug!(%peer, "accepted");
                     let sniff = service.sniffer.is_some();
                     let state = Connection::server(Instant::now(), self.limits(), sniff);
@@ -420,6 +499,7 @@ impl IoLoop {
                 let old = c.timer.take().and_then(|key| shared.timer.remove(key));
                 drop(old);
                 tracing::debug!(peer = %c.conn.peer(), "connected");
+                self.announce(token);
                 self.write(token);
                 self.read(token);
             }
@@ -485,7 +565,7 @@ impl IoLoop {
                     }
                     match eof {
                         Some(reason) => {
-                            self.close(token, close_error(reason));
+                            self.close_because(token, event_reason(reason), close_error(reason));
                             return;
                         }
                         // Draining: decode what is buffered, then stop.
@@ -644,7 +724,7 @@ impl IoLoop {
         }
         if let Some(reason) = c.state.poll_close() {
             tracing::debug!(peer = %c.conn.peer(), ?reason, "connection done");
-            self.close(token, close_error(reason));
+            self.close_because(token, event_reason(reason), close_error(reason));
             return;
         }
         match (was_full, c.state.output_full()) {
@@ -660,6 +740,11 @@ impl IoLoop {
 
     /// Closes a connection: deregisters it and fails its pending requests.
     fn close(&mut self, token: usize, error: Error) {
+        self.close_because(token, error_reason(&error), error);
+    }
+
+    /// [`close`](Self::close), telling the close hook `reason`.
+    fn close_because(&mut self, token: usize, reason: EventReason, error: Error) {
         if !matches!(self.endpoints.get(token), Some(Endpoint::Conn(_))) {
             return;
         }
@@ -673,6 +758,14 @@ impl IoLoop {
         tracing::debug!(peer = %c.conn.peer(), side = ?c.state.side(), reason = %error, "connection closed");
         drop(c.conn.close(error));
         self.shared.stats.connection_closed();
+        if c.announced {
+            if let Some(events) = c.conn.events() {
+                let kind = ConnectionEvent::Closed(reason);
+                self.shared
+                    .events
+                    .emit(events.clone(), c.conn.clone(), kind);
+            }
+        }
     }
 
     /// Stops listening, fails client requests with `Shutdown`, flushes
@@ -754,7 +847,7 @@ fn sniff(shared: &Shared, c: &mut IoConn, len: usize) -> Result<(), Error> {
         }
         Sniffed::Reject(reason) => {
             tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad first bytes");
-            Err(Error::Disconnected)
+            Err(Error::MalformedFrame(FrameError::Malformed(reason)))
         }
     }
 }
@@ -766,7 +859,7 @@ fn decode_responses(
     responses: &mut Vec<Packet>,
 ) -> Result<(), Error> {
     loop {
-        match c.state.next_frame(&*shared.streamer) {
+        match c.state.next_frame(c.conn.codec()) {
             Ok(Some(packet)) => responses.push(packet),
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -896,6 +989,9 @@ impl RequestBatch<'_> {
         // When this pass's requests arrived, for their latency: one clock
         // read per pass, not per request.
         let received = Instant::now();
+        // Once per pass, not per frame: a response can only follow the
+        // request that set it, written before this pass's bytes were read.
+        let outgoing = c.conn.expects_responses();
         loop {
             // Replies can be far larger than requests: every few requests,
             // gather this pass's replies so the state machine sees whether
@@ -905,7 +1001,7 @@ impl RequestBatch<'_> {
                 self.end(c);
                 self.begin(c);
             }
-            let packet = match c.state.next_frame(&*self.shared.streamer) {
+            let packet = match c.state.next_frame(c.conn.codec()) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -915,6 +1011,15 @@ impl RequestBatch<'_> {
                 }
             };
             self.decoded += 1;
+            let packet = if outgoing {
+                // A response to a request this server sent, or a request.
+                match c.conn.take_response(packet) {
+                    Ok(()) => continue,
+                    Err(request) => request,
+                }
+            } else {
+                packet
+            };
             tracing::debug!(
                 peer = %c.conn.peer(),
                 channel_id = %packet.channel_id(),

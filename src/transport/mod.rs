@@ -13,6 +13,7 @@
 //! - `wake`: waking the IO thread; `workers`: the worker pool.
 
 mod conn;
+mod events;
 mod handler;
 mod io;
 mod lifecycle;
@@ -35,10 +36,13 @@ use crossbeam_queue::SegQueue;
 use crate::completion::clamp_wait;
 use crate::error::Error;
 use crate::metrics::ErrorKind;
-use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
-use crate::sync::Mutex;
+use crate::proto::{Codec, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
+use crate::sync::{AtomicU64, Mutex, Ordering};
 
 pub(crate) use conn::{Conn, Rejected};
+pub(crate) use events::DefaultHandler;
+use events::EventQueue;
+pub use events::{CloseReason, ConnectionEvent, ConnectionEvents, ConnectionHandle};
 pub use handler::Dispatch;
 pub(crate) use handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed, Sniffer};
 use lifecycle::Lifecycle;
@@ -57,6 +61,8 @@ pub(crate) enum Command {
     Connect(Arc<Conn>),
     Flush(Arc<Conn>),
     Close(Arc<Conn>, Error),
+    /// Close once what is queued is written.
+    CloseWhenWritten(Arc<Conn>),
     /// The connection's deadline came: its state machine decides what is due.
     Timeout(Arc<Conn>),
     ResumeReading,
@@ -88,10 +94,17 @@ pub(crate) struct Config {
 /// queue once the threads are gone.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) streamer: Arc<dyn PacketStreamer>,
+    /// The transport's framing; listeners and managers may choose another.
+    pub(crate) codec: Codec,
+    /// Hooks for connections whose listener or manager names none.
+    pub(crate) default_events: Option<Arc<dyn ConnectionEvents>>,
     pub(crate) stats: Stats,
     /// Per packet code requests, errors and latency, both sides.
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Runs connection event hooks on their own thread.
+    pub(crate) events: EventQueue,
+    /// The next connection's id.
+    next_conn_id: AtomicU64,
     /// When the transport started (the status page's uptime).
     pub(crate) epoch: std::time::Instant,
     pub(crate) timer: TimerTable,
@@ -112,9 +125,12 @@ impl Shared {
             timer: TimerTable::new(config.timer_tick),
             workers: WorkQueues::new(config.worker_queue, config.callback_queue),
             config,
-            streamer: builder.streamer,
+            codec: builder.streamer,
+            default_events: builder.events,
             stats: Stats::default(),
             metrics: crate::metrics::Metrics::default(),
+            events: EventQueue::new(),
+            next_conn_id: AtomicU64::new(1),
             epoch: std::time::Instant::now(),
             lifecycle: Lifecycle::new(),
             commands: SegQueue::new(),
@@ -140,6 +156,7 @@ impl Shared {
                 Command::Connect(conn)
                 | Command::Flush(conn)
                 | Command::Close(conn, _)
+                | Command::CloseWhenWritten(conn)
                 | Command::Timeout(conn) => drop(conn.close(Error::Shutdown)),
                 Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
             }
@@ -202,6 +219,11 @@ impl Shared {
         }
     }
 
+    /// A new connection's id (unique within the transport).
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         self.lifecycle.is_stopping()
     }
@@ -243,7 +265,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct TransportBuilder {
     config: Config,
-    streamer: Arc<dyn PacketStreamer>,
+    streamer: Codec,
+    events: Option<Arc<dyn ConnectionEvents>>,
 }
 
 impl fmt::Debug for TransportBuilder {
@@ -274,7 +297,8 @@ impl Default for TransportBuilder {
                 tcp_keepalive: None,
                 status_page: false,
             },
-            streamer: Arc::new(DefaultStreamer::new()),
+            streamer: Codec::default(),
+            events: None,
         }
     }
 }
@@ -329,10 +353,27 @@ impl TransportBuilder {
         self
     }
 
-    /// The frame format (default [`DefaultStreamer`]: tbnet's, 64 MiB body
-    /// limit).
+    /// The frame format (default
+    /// [`DefaultStreamer`](crate::proto::DefaultStreamer): tbnet's, 64 MiB
+    /// body limit). A listener
+    /// ([`ListenOptions::streamer`](crate::ListenOptions::streamer)) or a
+    /// manager
+    /// ([`ConnectionManager::with_streamer`](crate::ConnectionManager::with_streamer))
+    /// may use another for its own connections. tbnet's streamer (with any
+    /// flag and limit) is called directly; another costs one virtual call
+    /// per frame.
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
-        self.streamer = Arc::new(streamer);
+        self.streamer = Codec::new(streamer);
+        self
+    }
+
+    /// Hooks told when any connection of this transport opens and closes
+    /// (default none), unless its listener
+    /// ([`ListenOptions::events`](crate::ListenOptions::events)) or manager
+    /// ([`ConnectionManager::with_events`](crate::ConnectionManager::with_events))
+    /// has hooks of its own. See [`ConnectionEvents`] for where they run.
+    pub fn events<E: ConnectionEvents>(mut self, events: E) -> Self {
+        self.events = Some(Arc::new(events));
         self
     }
 
@@ -573,6 +614,8 @@ impl Inner {
             drop(conn.close(Error::Shutdown));
         }
         let _ = join(threads.timer, "timer");
+        // Every close event was queued by now (the IO thread is gone).
+        shared.events.stop(shared.config.shutdown_grace);
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.lifecycle.workers_exited();
         shared.workers.drop_requests();

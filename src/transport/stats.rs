@@ -39,6 +39,7 @@ const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
 const POST_REPLIES: usize = 10;
+const UNHANDLED: usize = 11;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -49,7 +50,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<11>,
+    io: Line<12>,
     callers: Line<5>,
 }
 
@@ -113,6 +114,10 @@ impl Stats {
         self.callers.add(UNROUTED, 1);
     }
 
+    pub(crate) fn unhandled(&self) {
+        self.io.add(UNHANDLED, 1);
+    }
+
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             packets_in: self.io.get(PACKETS_IN),
@@ -134,6 +139,7 @@ impl Stats {
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
             post_replies: self.io.get(POST_REPLIES),
+            unhandled: self.io.get(UNHANDLED),
         }
     }
 }
@@ -185,4 +191,9 @@ pub struct StatsSnapshot {
     /// [`ConnectionManager::post`](crate::ConnectionManager::post): matched
     /// to their channel id, then discarded.
     pub post_replies: u64,
+    /// Packets a server sent a client on its own (one-way, or requests)
+    /// that found no default handler
+    /// ([`ConnectionManager::set_default_handler`](crate::ConnectionManager::set_default_handler)),
+    /// or found the callback queue full, and were dropped.
+    pub unhandled: u64,
 }

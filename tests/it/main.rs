@@ -6,9 +6,11 @@
 mod client;
 mod concurrency;
 mod data_buffer;
+mod events;
 mod exactly_once;
 mod examples;
 mod faults;
+mod framing;
 mod half_close;
 mod handles;
 mod hostile;
