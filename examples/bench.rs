@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use hdrhistogram::Histogram;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -592,6 +593,57 @@ fn run_pinned(row: Row, size: usize, conns: usize, depth: usize, secs: f64, pin:
     }
 }
 
+/// Where each side's threads run (`--pin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PinArg {
+    /// No pinning.
+    None,
+    /// Server threads on one CPU, client threads on another.
+    Split,
+    /// Both sides on one CPU.
+    Same,
+}
+
+/// End-to-end benchmark: tbnet against a raw baseline; prints a Markdown table.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Seconds per row, split over the rounds (default 2; 1 with --quick).
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Rounds the rows run in, interleaved (default 2; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Payload sizes in bytes, comma-separated (default 64,4096,1048576; 64,4096 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Shapes as CONNSxDEPTH, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1x1,4x32,64x4", value_parser = parse_shape)]
+    shapes: Vec<(usize, usize)>,
+    /// Rows to run, comma-separated: a, b, c, call, callback, future, callback-io (row a always runs).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,call,callback,future,callback-io", value_parser = parse_row)]
+    rows: Vec<Row>,
+    /// Pin threads: none, split (server and client on different CPUs), same (one CPU).
+    #[arg(long, value_enum, default_value_t = PinArg::None)]
+    pin: PinArg,
+    /// Shorter runs: 64 B and 4 KiB, one round of 1 s (explicit flags win).
+    #[arg(long)]
+    quick: bool,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (c, d) = s.split_once('x').ok_or(format!("{s} is not CxD"))?;
+    Ok((
+        c.parse()
+            .map_err(|_| format!("{s}: bad connection count"))?,
+        d.parse().map_err(|_| format!("{s}: bad depth"))?,
+    ))
+}
+
+fn parse_row(s: &str) -> Result<Row, String> {
+    Row::parse(s).ok_or(format!("unknown row {s}"))
+}
+
 struct Options {
     secs: f64,
     rounds: usize,
@@ -601,90 +653,34 @@ struct Options {
     pin: Pin,
 }
 
-fn parse_args() -> Result<Options, String> {
-    let mut o = Options {
-        secs: 2.0,
-        rounds: 2,
-        sizes: vec![64, 4096, 1 << 20],
-        shapes: vec![(1, 1), (4, 32), (64, 4)],
-        rows: vec![
-            Row::Raw,
-            Row::IoThread,
-            Row::Workers,
-            Row::Client(0),
-            Row::Client(1),
-            Row::Client(2),
-            Row::Client(3),
-        ],
-        pin: Pin::None,
+fn parse_args() -> Options {
+    let args = Args::parse();
+    let (secs, rounds, sizes) = if args.quick {
+        (1.0, 1, vec![64, 4096])
+    } else {
+        (2.0, 2, vec![64, 4096, 1 << 20])
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--secs" => o.secs = value()?.parse().map_err(|_| "--secs: a number")?,
-            "--rounds" => o.rounds = value()?.parse().map_err(|_| "--rounds: a number")?,
-            "--sizes" => {
-                o.sizes = value()?
-                    .split(',')
-                    .map(|s| s.parse().map_err(|_| format!("--sizes: {s}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "--shapes" => {
-                o.shapes = value()?
-                    .split(',')
-                    .map(|s| {
-                        let (c, d) = s
-                            .split_once('x')
-                            .ok_or(format!("--shapes: {s} is not CxD"))?;
-                        Ok((
-                            c.parse().map_err(|_| format!("--shapes: {s}"))?,
-                            d.parse().map_err(|_| format!("--shapes: {s}"))?,
-                        ))
-                    })
-                    .collect::<Result<_, String>>()?
-            }
-            "--rows" => {
-                o.rows = value()?
-                    .split(',')
-                    .map(|s| Row::parse(s).ok_or(format!("--rows: unknown row {s}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "--pin" => {
-                o.pin = match value()?.as_str() {
-                    "none" => Pin::None,
-                    "split" => Pin::Split,
-                    "same" => Pin::Same,
-                    other => return Err(format!("--pin: {other} is not none, split or same")),
-                }
-            }
-            "--quick" => {
-                o.secs = 1.0;
-                o.rounds = 1;
-                o.sizes = vec![64, 4096];
-            }
-            "-h" | "--help" => {
-                println!("usage: bench [--secs S] [--rounds R] [--sizes 64,4096] [--shapes 1x1,4x32] [--rows a,b,c,call,callback,future,callback-io] [--pin none|split|same] [--quick]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
+    let mut rows = args.rows;
+    if !rows.contains(&Row::Raw) {
+        rows.insert(0, Row::Raw);
     }
-    if !o.rows.contains(&Row::Raw) {
-        o.rows.insert(0, Row::Raw);
+    Options {
+        secs: args.secs.unwrap_or(secs),
+        rounds: args.rounds.unwrap_or(rounds),
+        sizes: args.sizes.unwrap_or(sizes),
+        shapes: args.shapes,
+        rows,
+        pin: match args.pin {
+            PinArg::None => Pin::None,
+            PinArg::Split => Pin::Split,
+            PinArg::Same => Pin::Same,
+        },
     }
-    Ok(o)
 }
 
 fn main() {
     cores();
-    let o = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let o = parse_args();
     let per_round = o.secs / o.rounds.max(1) as f64;
     let mut results: BTreeMap<(usize, (usize, usize), Row), Sample> = BTreeMap::new();
     for round in 0..o.rounds.max(1) {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use tbnet::{ConnectionManager, Dispatch, Packet, Responder, Transport};
 
 #[global_allocator]
@@ -342,27 +343,28 @@ fn client_allocations_per_request(requests: usize) {
     server.stop();
 }
 
+/// Memory and allocations per connection, pending request and request (dhat).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Idle connections to open and measure.
+    #[arg(long, default_value_t = 5000)]
+    conns: usize,
+    /// Requests to leave pending and measure.
+    #[arg(long, default_value_t = 1_000_000)]
+    pending: usize,
+    /// Requests whose allocations are counted (a tenth of them for 4 KiB bodies and for blocking and future calls).
+    #[arg(long, default_value_t = 100_000)]
+    requests: usize,
+}
+
 fn main() {
+    let Args {
+        conns,
+        pending,
+        requests,
+    } = Args::parse();
     let _profiler = dhat::Profiler::builder().testing().build();
-    let mut conns = 5000;
-    let mut pending = 1_000_000;
-    let mut requests = 100_000;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: usize = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-            eprintln!("usage: bench_memory [--conns N] [--pending N] [--requests N]");
-            std::process::exit(2)
-        });
-        match flag.as_str() {
-            "--conns" => conns = value,
-            "--pending" => pending = value,
-            "--requests" => requests = value,
-            _ => {
-                eprintln!("unknown flag {flag}");
-                std::process::exit(2)
-            }
-        }
-    }
     allocations_per_request(Dispatch::IoThread, requests, 64);
     allocations_per_request(Dispatch::Workers, requests, 64);
     allocations_per_request(Dispatch::IoThread, requests / 10, 4096);

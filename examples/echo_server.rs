@@ -9,7 +9,8 @@
 //! default) handles them on the IO thread. `--ordered` (with `--workers N`)
 //! handles each connection's requests in arrival order, connections in
 //! parallel. `--status` also answers
-//! `curl http://ADDR/status` (JSON) and `/metrics` (Prometheus) on the same
+//! `curl http://ADDR/status` (JSON), `/metrics` (Prometheus) and `/` (a live
+//! dashboard for a browser) on the same
 //! port. `-v` logs each request's life at debug level. Prints
 //! `listening on ADDR` once ready and serves until killed.
 //!
@@ -47,7 +48,7 @@ struct Args {
     /// the IO thread already handles them in order.
     #[arg(long)]
     ordered: bool,
-    /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
+    /// Also answer HTTP `GET /` (dashboard), `/status` (JSON) and `/metrics` (Prometheus) on the same port.
     #[arg(long)]
     status: bool,
     /// Log each request's life at debug level (to stderr).

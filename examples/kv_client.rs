@@ -1,9 +1,10 @@
-//! A client for `kv_server` that uses every way of waiting: blocking calls,
-//! futures, and a `WaitObject` batch; and shows error replies.
+//! A client for `kv_server` through the client that `service!` generated:
+//! blocking calls, futures, callbacks, and a `WaitObject` batch of packets
+//! built with the service's codec; and shows error replies.
 //!
 //! ```sh
-//! cargo run --release --example kv_client                       # embedded server
-//! cargo run --release --example kv_client -- --addr 127.0.0.1:8766 --keys 1000
+//! cargo run --release --features serde --example kv_client                       # embedded server
+//! cargo run --release --features serde --example kv_client -- --addr 127.0.0.1:8766 --keys 1000
 //! ```
 //!
 //! Checks every answer and exits 1 if any is wrong.
@@ -15,24 +16,24 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Parser;
-use kv::{Delete, Deleted, Entries, Get, Put, Scan, Stored, Value, BAD_LIMIT, NOT_FOUND};
-use tbnet::{ConnectionManager, Error, Message, Transport, WaitObject};
+use kv::{store, Delete, Get, Put, Scan, Value, BAD_LIMIT, NOT_FOUND};
+use tbnet::codec::{Codec, Postcard};
+use tbnet::{ConnectionManager, Error, Transport, WaitObject};
 
-const TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
+const TIMEOUT: Duration = Duration::from_secs(5);
 
-fn key(i: usize) -> Bytes {
-    Bytes::from(format!("key-{i:06}"))
+fn key(i: usize) -> String {
+    format!("key-{i:06}")
 }
 
-fn value(i: usize) -> Bytes {
-    Bytes::from(format!("value of {i}"))
+fn value(i: usize) -> String {
+    format!("value of {i}")
 }
 
 struct Unpark(thread::Thread);
@@ -63,21 +64,17 @@ fn join_all<F: Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
     outputs.into_iter().flatten().collect()
 }
 
-fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), String> {
+fn run(manager: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), String> {
     let fail = |what: &str, e: &dyn std::fmt::Debug| format!("{what}: {e:?}");
+    let client = store::Client::new(manager, addr);
 
     // 1. Blocking calls: store every key.
     for i in 0..keys {
-        let stored: Stored = client
-            .call_message(
-                addr,
-                &Put {
-                    key: key(i),
-                    value: value(i),
-                },
-                TIMEOUT,
-            )
-            .map_err(|e| fail("put", &e))?;
+        let put = Put {
+            key: key(i),
+            value: value(i),
+        };
+        let stored = (client.put(&put).timeout(TIMEOUT).wait()).map_err(|e| fail("put", &e))?;
         if stored.replaced {
             return Err(format!("key {i} was already there"));
         }
@@ -86,7 +83,7 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
 
     // 2. Futures: read ten keys at once.
     let futures = (0..keys.min(10))
-        .map(|i| client.call_message_async::<Get, Value>(addr, &Get { key: key(i) }, TIMEOUT))
+        .map(|i| client.get(&Get { key: key(i) }).timeout(TIMEOUT).future())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail("get (future)", &e))?;
     for (i, got) in join_all(futures).into_iter().enumerate() {
@@ -97,17 +94,40 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
     }
     println!("get     {} keys as futures", keys.min(10));
 
-    // 3. A WaitObject batch: fan out to many keys, wait for all.
+    // 3. Callbacks: each answer arrives on a worker thread.
+    let (tx, rx) = mpsc::channel();
+    let some: Vec<usize> = (0..keys).step_by((keys / 10).max(1)).collect();
+    for &i in &some {
+        let tx = tx.clone();
+        (client.get(&Get { key: key(i) }).timeout(TIMEOUT))
+            .then(move |result| drop(tx.send((i, result))))
+            .map_err(|e| fail("get (callback)", &e))?;
+    }
+    for _ in &some {
+        let (i, result) = rx
+            .recv_timeout(TIMEOUT * 2)
+            .map_err(|e| fail("get (callback)", &e))?;
+        let got = result.map_err(|e| fail("get (callback)", &e))?;
+        if got.value != value(i) {
+            return Err(format!("key {i}: got {:?}", got.value));
+        }
+    }
+    println!("get     {} keys with callbacks", some.len());
+
+    // 4. A WaitObject batch of packets built with the service's codec and
+    //    codes: fan out to many keys, wait for all.
     let mut wait = WaitObject::new();
     let batch: Vec<usize> = (0..keys).step_by((keys / 20).max(1)).collect();
     for &i in &batch {
-        client
-            .send_wait(addr, Get { key: key(i) }.to_packet(), TIMEOUT, &mut wait)
+        let packet = Postcard::to_packet(store::codes::get, &Get { key: key(i) })
+            .map_err(|e| fail("get (batch)", &e))?;
+        manager
+            .send_wait(addr, packet, Some(TIMEOUT), &mut wait)
             .map_err(|e| fail("get (batch)", &e))?;
     }
     for (&i, result) in batch.iter().zip(wait.wait_all()) {
-        let got = result
-            .and_then(Value::from_packet)
+        let got: Value = result
+            .and_then(Postcard::from_packet)
             .map_err(|e| fail("get (batch)", &e))?;
         if got.value != value(i) {
             return Err(format!("key {i}: got {:?}", got.value));
@@ -115,18 +135,13 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
     }
     println!("get     {} keys in one WaitObject batch", batch.len());
 
-    // 4. Scans, in key order, with a limit.
+    // 5. Scans, in key order, with a limit.
     let start = keys / 2;
-    let entries: Entries = client
-        .call_message(
-            addr,
-            &Scan {
-                start: key(start),
-                limit: 5,
-            },
-            TIMEOUT,
-        )
-        .map_err(|e| fail("scan", &e))?;
+    let scan = Scan {
+        start: key(start),
+        limit: 5,
+    };
+    let entries = (client.scan(&scan).timeout(TIMEOUT).wait()).map_err(|e| fail("scan", &e))?;
     let expected: Vec<_> = (start..keys.min(start + 5))
         .map(|i| (key(i), value(i)))
         .collect();
@@ -139,28 +154,22 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
         key(start)
     );
 
-    // 5. Error replies: a missing key, an excessive limit.
-    match client.call_message::<Get, Value>(
-        addr,
-        &Get {
-            key: Bytes::from("missing"),
-        },
-        TIMEOUT,
-    ) {
+    // 6. Error replies: a missing key, an excessive limit.
+    let missing = Get {
+        key: "missing".into(),
+    };
+    match client.get(&missing).timeout(TIMEOUT).wait() {
         Err(Error::Remote {
             code: NOT_FOUND,
             message,
         }) => println!("get     missing key -> error {NOT_FOUND}: {message}"),
         other => return Err(format!("a missing key gave {other:?}")),
     }
-    match client.call_message::<Scan, Entries>(
-        addr,
-        &Scan {
-            start: Bytes::new(),
-            limit: 5000,
-        },
-        TIMEOUT,
-    ) {
+    let huge = Scan {
+        start: String::new(),
+        limit: 5000,
+    };
+    match client.scan(&huge).timeout(TIMEOUT).wait() {
         Err(Error::Remote {
             code: BAD_LIMIT,
             message,
@@ -168,11 +177,13 @@ fn run(client: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(), 
         other => return Err(format!("an excessive scan gave {other:?}")),
     }
 
-    // 6. Delete, then the key is gone.
-    let deleted: Deleted = client
-        .call_message(addr, &Delete { key: key(0) }, TIMEOUT)
-        .map_err(|e| fail("delete", &e))?;
-    let gone = client.call_message::<Get, Value>(addr, &Get { key: key(0) }, TIMEOUT);
+    // 7. Delete, then the key is gone.
+    let deleted = (client
+        .delete(&Delete { key: key(0) })
+        .timeout(TIMEOUT)
+        .wait())
+    .map_err(|e| fail("delete", &e))?;
+    let gone = client.get(&Get { key: key(0) }).timeout(TIMEOUT).wait();
     if !deleted.existed
         || !matches!(
             gone,

@@ -1,14 +1,15 @@
-//! A small in-memory key-value server: typed messages, a router, error
-//! replies, and the worker pool.
+//! A small in-memory key-value server: a service declared with
+//! `tbnet::service!` (serde bodies), error replies, and the worker pool.
 //!
 //! ```sh
-//! cargo run --release --example kv_server -- --addr 127.0.0.1:8766 --workers 4 --status
+//! cargo run --release --features serde --example kv_server -- --addr 127.0.0.1:8766 --workers 4 --status
 //! ```
 //!
 //! Serves `Get`, `Put`, `Delete` and `Scan` (see `examples/common/kv.rs`).
 //! A missing key is an error reply with code 404, a scan over 1000 entries
 //! one with code 400. `--status` also answers `curl http://ADDR/status`.
-//! `-v` logs every request's life at debug level. Prints `listening on ADDR`
+//! `GET /` on the same port is a live dashboard, `/metrics` has per-method
+//! latency histograms. `-v` logs every request's life at debug level. Prints `listening on ADDR`
 //! once ready and serves until killed.
 
 #[path = "common/kv.rs"]
@@ -29,7 +30,7 @@ struct Args {
     /// Worker threads that handle requests.
     #[arg(long, default_value_t = 4)]
     workers: usize,
-    /// Also answer HTTP `GET /status` (JSON) and `/metrics` (Prometheus) on the same port.
+    /// Also answer HTTP `GET /` (dashboard), `/status` (JSON) and `/metrics` (Prometheus) on the same port.
     #[arg(long)]
     status: bool,
     /// Log each request's life at debug level (to stderr).

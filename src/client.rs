@@ -14,9 +14,12 @@ use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
-use crate::proto::Side;
+use crate::proto::{Codec, PacketStreamer, Side};
+use crate::server::{Adapted, ServerAdaptor};
 use crate::sync::Mutex;
-use crate::transport::{Command, Conn, Rejected, Security, Transport};
+use crate::transport::{
+    Command, Conn, ConnectionEvents, DefaultHandler, Rejected, RequestHandler, Security, Transport,
+};
 
 /// Default limit of requests pending on one connection (tbnet's
 /// ConnectionManager default).
@@ -262,6 +265,12 @@ pub struct ConnectionManager {
     backoff: Backoff,
     while_down: WhileDown,
     security: Security,
+    /// What hears this manager's connections open and close.
+    events: Option<Arc<dyn ConnectionEvents>>,
+    /// Where packets the servers send on their own go.
+    default_handler: Arc<DefaultHandler>,
+    /// This manager's framing, if not the transport's.
+    codec: Option<Codec>,
 }
 
 impl Drop for ConnectionManager {
@@ -315,7 +324,71 @@ impl ConnectionManager {
             backoff: Backoff::default(),
             while_down: WhileDown::default(),
             security: Security::Plain,
+            events: None,
+            default_handler: Arc::new(Mutex::new(None)),
+            codec: None,
         }
+    }
+
+    /// Hooks told when this manager's connections open, reopen after a loss
+    /// ([`ConnectionEvents::on_reconnect`]) and close; see
+    /// [`ConnectionEvents`] for the thread they run on. Applies to
+    /// connections opened afterwards; without it, the transport's
+    /// [`events`](crate::TransportBuilder::events) (if any) hear them.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use tbnet::{ConnectionEvent, ConnectionHandle, ConnectionManager, Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
+    ///     let _ = resp.reply(req.reply("ok"));
+    /// })?;
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let client = ConnectionManager::new(&transport).with_events(
+    ///     move |_: &ConnectionHandle, event: ConnectionEvent| log.lock().unwrap().push(event),
+    /// );
+    /// client.call(addr, Packet::new(1, "hi"), None)?;
+    /// transport.stop(); // waits for the hooks of the connections it closes
+    /// assert_eq!(seen.lock().unwrap().first(), Some(&ConnectionEvent::Connected));
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn with_events<E: ConnectionEvents>(mut self, events: E) -> Self {
+        self.events = Some(Arc::new(events));
+        self
+    }
+
+    /// This manager's framing (default: the transport's
+    /// [`streamer`](crate::TransportBuilder::streamer)). Responses are
+    /// matched by the channel id its `parse` returns. Applies to
+    /// connections opened afterwards.
+    pub fn with_streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
+        self.codec = Some(Codec::new(streamer));
+        self
+    }
+
+    /// Handles packets a server sends on its own (tbnet's default packet
+    /// handler): one-way packets (channel id 0) and requests a server sent
+    /// through a [`ConnectionHandle`](crate::ConnectionHandle) (bit 31 of
+    /// the channel id set). The handler may answer a request through its
+    /// [`Responder`](crate::Responder); a one-way packet's responder
+    /// discards the reply. It runs where callbacks do (a worker by
+    /// default, see [`send`](Self::send)). Replaces the previous handler;
+    /// applies to every connection of this manager at once.
+    ///
+    /// Without a handler such packets are dropped and counted in
+    /// [`StatsSnapshot::unhandled`](crate::StatsSnapshot::unhandled).
+    /// Responses that match no pending request (late ones) are dropped and
+    /// counted in
+    /// [`StatsSnapshot::late_responses`](crate::StatsSnapshot::late_responses),
+    /// handler or not.
+    pub fn set_default_handler<A: ServerAdaptor>(&self, handler: A) {
+        let handler: Arc<dyn RequestHandler> = Arc::new(Adapted(handler));
+        let old = self.default_handler.lock().replace(handler);
+        // Dropped after the lock: it is user code.
+        drop(old);
     }
 
     /// Connects with TLS (feature `tls`): the same frames, inside TLS, to
@@ -355,12 +428,12 @@ impl ConnectionManager {
     /// at least 1: pass `MAX_PENDING` for the largest.
     ///
     /// The limit a connection opens with also sets how its channel ids split
-    /// their 32 bits: the bits the limit needs name the slot, the rest its
-    /// generation. With the default (256) a slot's id repeats only after
-    /// 2^23 reuses; with the largest limit, after 2^12. A response arriving
-    /// so late that its slot has been reused exactly that many times is the
-    /// only way one could reach a newer request: keep limits near what is
-    /// needed.
+    /// their 32 bits: the bits the limit needs name the slot, the rest but
+    /// the top bit its generation. With the default (256) a slot's id
+    /// repeats only after 2^22 reuses; with the largest limit, after 2^11. A
+    /// response arriving so late that its slot has been reused exactly that
+    /// many times is the only way one could reach a newer request: keep
+    /// limits near what is needed.
     pub fn with_queue_limit(mut self, limit: usize) -> Self {
         self.queue_limit = limit.clamp(1, crate::proto::MAX_PENDING);
         self
@@ -892,6 +965,8 @@ impl ConnectionManager {
         let mut conns = self.conns.lock();
         let mut connect_at = None;
         let slot = self.slot(&mut conns, server);
+        // A connection to this server opened before: this one reconnects.
+        let reconnect = slot.conn.as_ref().is_some_and(|conn| conn.was_opened());
         if let Some(conn) = &slot.conn {
             if !conn.is_closed() {
                 return Ok((conn.clone(), slot.default_timeout));
@@ -908,15 +983,21 @@ impl ConnectionManager {
         }
         // Channel ids are split for the larger of the server's limit and the
         // manager's, so the server's may later be raised up to the latter.
+        let conn = Conn::new(
+            shared.clone(),
+            server,
+            Side::Client,
+            slot.queue_limit.max(self.queue_limit),
+            self.backoff.grace,
+        );
         let conn = Arc::new(
-            Conn::new(
-                shared.clone(),
-                server,
-                Side::Client,
-                slot.queue_limit.max(self.queue_limit),
-                self.backoff.grace,
-            )
-            .with_security(self.security.clone()),
+            conn.with_codec(self.codec.clone())
+                .with_events(
+                    (self.events.clone()).or_else(|| shared.default_events.clone()),
+                    reconnect,
+                )
+                .with_default_handler(self.default_handler.clone())
+                .with_security(self.security.clone()),
         );
         if slot.queue_limit < self.queue_limit {
             conn.set_queue_limit(slot.queue_limit);

@@ -200,6 +200,51 @@
 //! # Ok::<(), tbnet::Error>(())
 //! ```
 //!
+//! # Connection events, server-initiated messages, other framings
+//!
+//! - **Events.** A listener ([`ListenOptions::events`]), a manager
+//!   ([`ConnectionManager::with_events`]) or the whole transport
+//!   ([`TransportBuilder::events`]) takes [`ConnectionEvents`] hooks:
+//!   `on_connect`, `on_reconnect` (clients) and `on_close` with a
+//!   [`CloseReason`] (peer closed, reset, idle, bad frame, closed by this
+//!   side, shutdown). They run on `tbnet-events`, in order, exactly once
+//!   each per connection that opened.
+//! - **Handles.** A [`ConnectionHandle`] names one connection (id, peer);
+//!   a server gets it from [`Responder::connection`] or its hooks and may
+//!   [`close`](ConnectionHandle::close) it, [`post`](ConnectionHandle::post)
+//!   one-way packets to the client, or send requests of its own
+//!   ([`call`](ConnectionHandle::call), [`send`](ConnectionHandle::send),
+//!   [`call_async`](ConnectionHandle::call_async)) that end exactly once
+//!   like any request. Their channel ids have bit 31 set; a client's never
+//!   do.
+//! - **Default handler.** A client hands what a server sends on its own to
+//!   [`ConnectionManager::set_default_handler`] (which may reply), or
+//!   counts it in [`StatsSnapshot::unhandled`].
+//! - **Framings.** [`ListenOptions::streamer`] and
+//!   [`ConnectionManager::with_streamer`] replace tbnet's frame for one
+//!   listener or manager, including framings without a header
+//!   (`examples/http_server.rs` serves HTTP/1.1). tbnet's streamer is
+//!   called directly; a custom one costs one virtual call per frame.
+//!
+//! ```
+//! use tbnet::{ConnectionManager, Packet, Responder, Transport};
+//!
+//! let transport = Transport::builder().start()?;
+//! // The server asks the client something before it answers.
+//! let addr = transport.listen("127.0.0.1:0", |req: Packet, resp: Responder| {
+//!     let name = resp.connection().call(Packet::new(2, "name?"), None);
+//!     let name = name.map(Packet::into_body).unwrap_or_default();
+//!     let _ = resp.reply(req.reply([&b"hello "[..], &name].concat()));
+//! })?;
+//! let client = ConnectionManager::new(&transport);
+//! client.set_default_handler(|req: Packet, resp: Responder| {
+//!     let _ = resp.reply(req.reply("ada"));
+//! });
+//! assert_eq!(client.call(addr, Packet::new(1, "hi"), None)?.body(), "hello ada");
+//! transport.stop();
+//! # Ok::<(), tbnet::Error>(())
+//! ```
+//!
 //! # Threads
 //!
 //! ```text
@@ -224,6 +269,9 @@
 //!   callbacks (unless [`TransportBuilder::callbacks`] runs them inline).
 //!   Blocking waits and futures are woken from whichever thread ended the
 //!   request (IO or timer).
+//! - `tbnet-events` (started with the first connection event) runs
+//!   [`ConnectionEvents`] hooks, so a slow or panicking hook never holds up
+//!   IO.
 //!
 //! # Layout
 //!
@@ -327,12 +375,8 @@
 //! | `IServerAdaptor`     | [`ServerAdaptor`] (alias [`IServerAdaptor`]), any `Fn(Packet, Responder)` |
 //! | `IServerAdaptor::handleBatchPacket` | [`BatchAdaptor`], [`Transport::listen_batch`] |
 //! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
-//! | default packet handler (`ConnectionManager(..., defaultPacketHandler)`) | ConnectionManager::set_default_handler |
 //! | `IPacketStreamer` + `IPacketFactory` | [`PacketStreamer`](proto::PacketStreamer) (alias [`IPacketStreamer`]) |
 //! | `DefaultPacketStreamer` | [`proto::DefaultStreamer`] |
-//! | `existPacketHeader = false` (custom framings, `HttpPacketStreamer`) | Framing |
-//! | `IOComponent` / server-side `Connection` | ServerConnection |
-//! | `IServerAdaptor` connect/disconnect events | ConnectionEvents |
 //! | (no equivalent) a connection's requests handled in order on the pool | [`Dispatch::Ordered`] |
 //! | `DataBuffer` (`writeInt8..64`, `writeString`, `readInt*`, `readString`) | [`DataBuffer`] (`put_i8..i64`, `put_string`), [`DataReader`] (`get_*`, errors instead of over-reads) |
 //! | `Packet`, `pcode`, `chid` | [`Packet`], [`PacketCode`], [`ChannelId`] |
@@ -342,6 +386,10 @@
 //! | `ControlPacket` (timeout, bad packet, disconnect) | [`Error`] |
 //! | `DisconnPacket` / `ControlPacket::CMD_DISCONN_PACKET` | [`Error::Disconnected`] |
 //! | `HttpPacketStreamer` status pages | [`TransportBuilder::status_page`] |
+//! | `IPacketStreamer` per listener / connection, `existPacketHeader = false` (custom framings, `HttpPacketStreamer`) | [`ListenOptions::streamer`], [`ConnectionManager::with_streamer`]; a streamer whose header is empty |
+//! | `IServerAdaptor` connection callbacks, `DisconnPacket`; DSTORE `on_connect`/`on_close` | [`ConnectionEvents`], [`CloseReason`] |
+//! | `IOComponent` / server-side `Connection` (`postPacket`, `getPeerId`, `close`, `setWriteFinishClose`) | [`ConnectionHandle`] ([`Responder::connection`]; [`ConnectionHandle::close_when_written`]) |
+//! | default packet handler (`ConnectionManager(..., defaultPacketHandler)`, `setDefaultPacketHandler`) | [`ConnectionManager::set_default_handler`] (only for packets the server sent on its own: channel id 0 or bit 31 set; late responses and post replies are counted, as before) |
 //! | (no equivalent) typed messages and dispatch by `pcode` | [`Message`], [`Router`] |
 //! | server id `u64` (`port << 32 \| ip`) | [`ServerId`] |
 //!
@@ -361,6 +409,12 @@
 //! - **Waiting for room**: tbnet's `noblocking = false` waits without a
 //!   bound; [`with_queue_wait`](ConnectionManager::with_queue_wait) bounds
 //!   the wait and then fails with [`Error::QueueFull`].
+//! - **Default handler**: tbnet's gets every packet that matches no
+//!   request; here only what a server sent on its own (channel id 0, or bit
+//!   31 set: a server's requests never share an id with its client's).
+//! - **Connection events**: tbnet tells the adaptor of a lost connection
+//!   with a `DisconnPacket`; here [`ConnectionEvents`] hooks hear every
+//!   open, reopen and close with its [`CloseReason`], on their own thread.
 //!
 //! # Guarantees
 //!
@@ -447,10 +501,12 @@
 //! callback delays other callbacks, never IO or timeouts. With
 //! [`TransportBuilder::callbacks`]`(Dispatch::IoThread)` they run inline on
 //! the thread that ended the request (faster, and then they must not
-//! block). Blocking waits and
+//! block). A client's default handler runs where its callbacks do.
+//! Connection event hooks run on `tbnet-events`, one at a time in event
+//! order, and may block or call back into the transport. Blocking waits and
 //! futures are woken from `tbnet-io` (responses, disconnects) or
-//! `tbnet-timer` (timeouts). A panicking handler or callback is caught and
-//! logged.
+//! `tbnet-timer` (timeouts). A panicking handler, callback or hook is
+//! caught and logged.
 //!
 //! **Faults.** A connection that closes, resets or fails to connect fails
 //! its pending requests with [`Error::Disconnected`] at once; the next
@@ -472,14 +528,17 @@
 
 mod buffer;
 mod client;
+pub mod codec;
 mod completion;
 mod endpoint;
 mod error;
 mod message;
+pub mod metrics;
 mod packet;
 pub mod proto;
 mod router;
 mod server;
+pub mod service;
 mod status;
 mod sync;
 mod transport;
@@ -499,10 +558,12 @@ pub use packet::{ChannelId, Packet, PacketCode};
 pub use proto::{ChannelPool, Ready};
 pub use router::{Router, Unrouted};
 pub use server::{Batch, BatchAdaptor, Dispatch, ListenOptions, Responder, ServerAdaptor};
+pub use service::{ErrorReply, ERROR_BAD_RESPONSE};
 pub use transport::{
-    AllowList, Cidr, CidrParseError, StatsSnapshot, Transport, TransportBuilder,
-    DEFAULT_BUDGET_CONNECTIONS, DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_OUTBOUND,
+    AllowList, Cidr, CidrParseError, CloseReason, ConnectionEvent, ConnectionEvents,
+    ConnectionHandle, StatsSnapshot, Transport, TransportBuilder, DEFAULT_BUDGET_CONNECTIONS,
+    DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_OUTBOUND,
 };
 #[cfg(feature = "tls")]
 pub use transport::{TlsClientConfig, TlsServerConfig};

@@ -9,8 +9,10 @@ use std::time::Instant;
 use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
+use crate::proto::{Codec, PacketStreamer};
 use crate::transport::{
-    AllowList, Policy, ReplyTo, RequestHandler, Security, Service, Sniffer, Transport,
+    AllowList, ConnectionEvents, ConnectionHandle, Policy, ReplyTo, RequestHandler, Security,
+    Service, Sniffer, Transport,
 };
 
 pub use crate::transport::Dispatch;
@@ -63,7 +65,7 @@ where
 
 /// A [`ServerAdaptor`] as the transport's request handler: each request
 /// runs in a `request` span (debug level) with a [`Responder`].
-struct Adapted<A>(A);
+pub(crate) struct Adapted<A>(pub(crate) A);
 
 impl<A: ServerAdaptor> RequestHandler for Adapted<A> {
     fn handle_request(&self, request: Packet, reply: ReplyTo) {
@@ -125,8 +127,9 @@ impl Transport {
         self.listen_with_options(addr, adaptor, ListenOptions::new().dispatch(dispatch))
     }
 
-    /// Like [`listen`](Self::listen), with this listener's own admission
-    /// rules (allow-list, connection limit), dispatch and TLS.
+    /// Like [`listen`](Self::listen), with this listener's own settings:
+    /// who may connect and how many at once, where its requests are
+    /// handled, hooks for its connections' events, its framing, and TLS.
     ///
     /// # Errors
     /// As for [`listen`](Self::listen).
@@ -145,20 +148,64 @@ impl Transport {
     /// # transport.stop();
     /// # Ok::<(), tbnet::Error>(())
     /// ```
+    ///
+    /// A server that greets every client with a one-way packet as it
+    /// connects:
+    /// ```
+    /// use tbnet::{ConnectionEvent, ConnectionHandle, ConnectionManager, ListenOptions, Packet, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let greet = |conn: &ConnectionHandle, event: ConnectionEvent| {
+    ///     if event == ConnectionEvent::Connected {
+    ///         let _ = conn.post(Packet::new(7, "welcome"));
+    ///     }
+    /// };
+    /// let addr = transport.listen_with_options(
+    ///     "127.0.0.1:0",
+    ///     |req: Packet, resp: Responder| { let _ = resp.reply(req.reply("ok")); },
+    ///     ListenOptions::new().events(greet),
+    /// )?;
+    /// let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    /// let client = ConnectionManager::new(&transport);
+    /// client.set_default_handler(move |packet: Packet, _: Responder| {
+    ///     let _ = tx.try_send(packet);
+    /// });
+    /// client.call(addr, Packet::new(1, "hi"), None)?;
+    /// assert_eq!(rx.recv().unwrap().body(), "welcome");
+    /// transport.stop();
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
     pub fn listen_with_options<A: ServerAdaptor>(
         &self,
         addr: impl ToEndpoint,
         adaptor: A,
         options: ListenOptions,
     ) -> Result<SocketAddr, Error> {
+        self.listen_service(addr, Arc::new(Adapted(adaptor)), false, options)
+    }
+
+    /// Starts a listener for `handler` with `options`.
+    fn listen_service(
+        &self,
+        addr: impl ToEndpoint,
+        handler: Arc<dyn RequestHandler>,
+        batches: bool,
+        options: ListenOptions,
+    ) -> Result<SocketAddr, Error> {
         let addr = addr.to_endpoint()?;
-        let config = self.config();
-        let sniffer = self.status_sniffer();
+        // The status page speaks HTTP on tbnet's port: not with another
+        // framing.
+        let sniffer = match options.codec {
+            None => self.status_sniffer(),
+            Some(_) => None,
+        };
         let service = Service {
-            handler: Arc::new(Adapted(adaptor)),
-            dispatch: options.dispatch.unwrap_or(config.dispatch),
-            batches: false,
+            handler,
+            dispatch: options.dispatch.unwrap_or(self.config().dispatch),
+            batches,
             sniffer,
+            events: (options.events).or_else(|| self.shared().default_events.clone()),
+            codec: options.codec,
             policy: Policy {
                 allow: options.allow,
                 max_connections: options.max_connections,
@@ -192,16 +239,8 @@ impl Transport {
         adaptor: B,
         dispatch: Dispatch,
     ) -> Result<SocketAddr, Error> {
-        let addr = addr.to_endpoint()?;
-        let service = Service {
-            handler: Arc::new(AdaptedBatch(adaptor)),
-            dispatch,
-            batches: true,
-            sniffer: self.status_sniffer(),
-            policy: Policy::default(),
-            security: Security::Plain,
-        };
-        self.shared().listen(addr, service)
+        let options = ListenOptions::new().dispatch(dispatch);
+        self.listen_service(addr, Arc::new(AdaptedBatch(adaptor)), true, options)
     }
 }
 
@@ -284,17 +323,16 @@ impl<B: BatchAdaptor> RequestHandler for AdaptedBatch<B> {
     }
 }
 
-/// One listener's settings
-/// ([`Transport::listen_with_options`]): who may connect, how many at
-/// once, where requests are handled, and TLS.
-///
-/// Every setting defaults to the transport's behaviour: everyone admitted,
-/// no limit but the transport's
+/// One listener's settings ([`Transport::listen_with_options`]); each one
+/// left unset is the transport's: everyone admitted, no connection limit
+/// but the transport's
 /// ([`TransportBuilder::max_connections`](crate::TransportBuilder::max_connections)),
-/// the builder's dispatch, plain TCP.
+/// the builder's dispatch, events and framing, plain TCP.
 #[derive(Clone, Default)]
 pub struct ListenOptions {
     dispatch: Option<Dispatch>,
+    events: Option<Arc<dyn ConnectionEvents>>,
+    codec: Option<Codec>,
     allow: AllowList,
     max_connections: Option<usize>,
     security: Security,
@@ -304,6 +342,8 @@ impl fmt::Debug for ListenOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ListenOptions")
             .field("dispatch", &self.dispatch)
+            .field("events", &self.events.is_some())
+            .field("codec", &self.codec)
             .field("allow", &self.allow)
             .field("max_connections", &self.max_connections)
             .field("tls", &!matches!(self.security, Security::Plain))
@@ -312,9 +352,9 @@ impl fmt::Debug for ListenOptions {
 }
 
 impl ListenOptions {
-    /// The defaults.
+    /// The transport's settings.
     pub fn new() -> Self {
-        ListenOptions::default()
+        Self::default()
     }
 
     /// Where this listener's requests are handled (default: the builder's
@@ -345,6 +385,25 @@ impl ListenOptions {
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::transport::TlsServerConfig) -> Self {
         self.security = Security::Server(tls);
+        self
+    }
+
+    /// Hooks told when this listener's connections open and close (default:
+    /// the builder's [`events`](crate::TransportBuilder::events), if any;
+    /// see [`ConnectionEvents`] for the thread they run on).
+    pub fn events<E: ConnectionEvents>(mut self, events: E) -> Self {
+        self.events = Some(Arc::new(events));
+        self
+    }
+
+    /// This listener's framing (tbnet's per-listener `IPacketStreamer`;
+    /// default: the builder's
+    /// [`streamer`](crate::TransportBuilder::streamer)). It may have no
+    /// header at all (see [`PacketStreamer`]); the
+    /// [`status_page`](crate::TransportBuilder::status_page) is then not
+    /// served on this listener.
+    pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
+        self.codec = Some(Codec::new(streamer));
         self
     }
 }
@@ -388,6 +447,15 @@ impl Responder {
     /// The client's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The connection the request arrived on: to close it, or to send the
+    /// client packets and requests of the server's own (see
+    /// [`ConnectionHandle`]).
+    pub fn connection(&self) -> ConnectionHandle {
+        // Only the consuming methods take the reply out.
+        let reply = (self.reply.as_ref()).expect("a responder keeps its reply until consumed");
+        ConnectionHandle::new(reply.conn().clone())
     }
 
     /// The request's channel id, which the reply carries back.

@@ -2,8 +2,10 @@
 //!
 //! tbnet frames start with the flag `"AnEt"`; a connection whose first bytes
 //! are `GET ` or `HEAD ` is HTTP instead. It gets one response and is
-//! closed: `/status` is the transport's counters as JSON, `/metrics` the
-//! same in Prometheus' text format, anything else 404. A request line or
+//! closed: `/` is a live dashboard (an HTML page whose small script polls
+//! `/status`), `/status` the transport's counters and per packet code
+//! numbers as JSON, `/metrics` the same in Prometheus' text format (latency
+//! as histograms), anything else 404. A request line or
 //! header block that is malformed, or longer than 8 KiB, closes the
 //! connection unanswered. Parsing and rendering here are pure; the IO thread
 //! feeds them.
@@ -13,9 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::metrics::{CodeMetrics, ErrorKind, Side};
 use crate::transport::{
     AllowList, SniffContext, Sniffed, Sniffer, StatsSnapshot, TransportBuilder,
 };
+
+/// The dashboard: one self-contained page (no external asset).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Longest request head (request line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 8 * 1024;
@@ -87,9 +93,11 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<Request>, &'static str> {
 }
 
 impl TransportBuilder {
-    /// Answers plain HTTP `GET /status` (JSON) and `GET /metrics`
-    /// (Prometheus text) on every listener's port, beside tbnet frames
-    /// (default off). A connection whose first bytes are `GET ` or `HEAD `
+    /// Answers plain HTTP `GET /` (a live dashboard page), `GET /status`
+    /// (JSON) and `GET /metrics` (Prometheus text, with per packet code
+    /// latency histograms) on every listener's port, beside tbnet frames
+    /// (default off). The dashboard needs no internet access: its script
+    /// and styles are served from the crate. A connection whose first bytes are `GET ` or `HEAD `
     /// gets one HTTP response and is closed; other paths get 404, malformed
     /// requests are closed unanswered. tbnet's own servers answered such
     /// status requests through their HTTP streamer.
@@ -136,7 +144,15 @@ impl Sniffer for StatusPage {
                 Ok(None) => Sniffed::NeedMore,
                 Ok(Some(request)) => {
                     tracing::debug!(path = %request.path, "status page request");
-                    Sniffed::Respond(respond(&request, &(context.stats)(), context.uptime))
+                    let page = Page {
+                        stats: (context.stats)(),
+                        uptime: context.uptime,
+                        methods: match request.path.as_str() {
+                            "/status" | "/metrics" => context.metrics.snapshot(),
+                            _ => Vec::new(),
+                        },
+                    };
+                    Sniffed::Respond(respond(&request, &page))
                 }
                 Err(reason) => Sniffed::Reject(reason),
             },
@@ -144,19 +160,33 @@ impl Sniffer for StatusPage {
     }
 }
 
+/// What the pages show.
+pub(crate) struct Page {
+    pub(crate) stats: StatsSnapshot,
+    pub(crate) uptime: Duration,
+    /// Per packet code rows (read only for `/status` and `/metrics`).
+    pub(crate) methods: Vec<CodeMetrics>,
+}
+
 /// The whole response to `request`.
-pub(crate) fn respond(request: &Request, stats: &StatsSnapshot, uptime: Duration) -> Bytes {
+pub(crate) fn respond(request: &Request, page: &Page) -> Bytes {
+    let (stats, uptime) = (&page.stats, page.uptime);
     let (status, content_type, body) = match request.path.as_str() {
-        "/status" => ("200 OK", "application/json", status_json(stats, uptime)),
+        "/" => ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string()),
+        "/status" => (
+            "200 OK",
+            "application/json",
+            status_json(stats, uptime, &page.methods),
+        ),
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4",
-            metrics_text(stats, uptime),
+            metrics_text(stats, uptime, &page.methods),
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
     };
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     );
     if !request.head_only {
@@ -342,7 +372,7 @@ fn counters(
     ]
 }
 
-fn status_json(stats: &StatsSnapshot, uptime: Duration) -> String {
+fn status_json(stats: &StatsSnapshot, uptime: Duration, methods: &[CodeMetrics]) -> String {
     let mut out = String::from("{");
     let counters = counters(stats, uptime);
     for (i, (name, _, _, value)) in counters.iter().enumerate() {
@@ -362,16 +392,118 @@ fn status_json(stats: &StatsSnapshot, uptime: Duration) -> String {
             let _ = write!(out, "\"{key}\":{value}");
         }
     }
-    out.push_str("}\n");
+    out.push_str(",\"methods\":[");
+    for (i, row) in methods.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"side\":\"{}\",\"pcode\":{},\"requests\":{},\"errors\":{},\"errors_by_kind\":{{",
+            row.side.as_str(),
+            row.pcode
+                .map_or("null".to_string(), |c| c.get().to_string()),
+            row.requests,
+            row.errors(),
+        );
+        let mut first = true;
+        for kind in ErrorKind::ALL {
+            let n = row.errors_of(kind);
+            if n > 0 {
+                let comma = if first { "" } else { "," };
+                let _ = write!(out, "{comma}\"{}\":{n}", kind.as_str());
+                first = false;
+            }
+        }
+        out.push('}');
+        for (name, q) in [("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)] {
+            let micros = row.latency.percentile(q).unwrap_or_default().as_secs_f64() * 1e6;
+            let _ = write!(out, ",\"{name}\":{micros:.1}");
+        }
+        let mean = row.latency.sum().as_secs_f64() * 1e6 / row.requests.max(1) as f64;
+        let _ = write!(out, ",\"mean_us\":{mean:.1},\"buckets\":[");
+        // Non-empty buckets as [lower_us, upper_us, count], so a reader can
+        // take percentiles over an interval from two snapshots' difference.
+        for (i, (lower, upper, count)) in row.latency.buckets().enumerate() {
+            let lower = lower.as_micros();
+            let upper = upper.map_or(lower * 2, |u| u.as_micros());
+            let comma = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{comma}[{lower},{upper},{count}]");
+        }
+        out.push_str("]}");
+    }
+    out.push_str("]}\n");
     out
 }
 
-fn metrics_text(stats: &StatsSnapshot, uptime: Duration) -> String {
+fn metrics_text(stats: &StatsSnapshot, uptime: Duration, methods: &[CodeMetrics]) -> String {
     let mut out = String::new();
     for (name, kind, help, value) in counters(stats, uptime) {
         let _ = writeln!(out, "# HELP tbnet_{name} {help}.");
         let _ = writeln!(out, "# TYPE tbnet_{name} {kind}");
         let _ = writeln!(out, "tbnet_{name} {value}");
+    }
+    for side in [Side::Server, Side::Client] {
+        let rows: Vec<&CodeMetrics> = methods.iter().filter(|r| r.side == side).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let side = side.as_str();
+        let what = if side == "server" {
+            "from decoded to answered"
+        } else {
+            "from sent to ended"
+        };
+        let name = format!("tbnet_{side}_request_duration_seconds");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of {side} requests by packet code, {what}."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for row in &rows {
+            let pcode = row
+                .pcode
+                .map_or("other".to_string(), |c| c.get().to_string());
+            for (le, count) in row.latency.cumulative() {
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{pcode=\"{pcode}\",le=\"{}\"}} {count}",
+                    le.as_secs_f64()
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{pcode=\"{pcode}\",le=\"+Inf\"}} {}",
+                row.requests
+            );
+            let _ = writeln!(
+                out,
+                "{name}_sum{{pcode=\"{pcode}\"}} {}",
+                row.latency.sum().as_secs_f64()
+            );
+            let _ = writeln!(out, "{name}_count{{pcode=\"{pcode}\"}} {}", row.requests);
+        }
+        let errors = format!("tbnet_{side}_request_errors_total");
+        let _ = writeln!(
+            out,
+            "# HELP {errors} Failed {side} requests by packet code and kind."
+        );
+        let _ = writeln!(out, "# TYPE {errors} counter");
+        for row in &rows {
+            let pcode = row
+                .pcode
+                .map_or("other".to_string(), |c| c.get().to_string());
+            for kind in ErrorKind::ALL {
+                let n = row.errors_of(kind);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{errors}{{pcode=\"{pcode}\",kind=\"{}\"}} {n}",
+                        kind.as_str()
+                    );
+                }
+            }
+        }
     }
     out
 }
@@ -443,7 +575,10 @@ mod tests {
 
     #[test]
     fn status_json_keys_are_unique() {
-        let json = status_json(&StatsSnapshot::default(), Duration::from_secs(1));
+        let with_methods = status_json(&StatsSnapshot::default(), Duration::from_secs(1), &[]);
+        // The counters are numbers; the per-code rows follow in `methods`.
+        let json = with_methods.replace(",\"methods\":[]", "");
+        assert_ne!(json, with_methods);
         let keys = json_keys(&json);
         let unique: std::collections::HashSet<&String> = keys.iter().collect();
         assert_eq!(unique.len(), keys.len(), "a key repeats in {json}");
@@ -474,7 +609,12 @@ mod tests {
                 head_only: false,
                 path: path.into(),
             };
-            String::from_utf8(respond(&request, &stats, Duration::from_secs(2)).to_vec()).unwrap()
+            let page = Page {
+                stats,
+                uptime: Duration::from_secs(2),
+                methods: Vec::new(),
+            };
+            String::from_utf8(respond(&request, &page).to_vec()).unwrap()
         };
         let status = get("/status");
         assert!(status.starts_with("HTTP/1.1 200 OK\r\n"));
@@ -482,19 +622,26 @@ mod tests {
         assert_eq!(status.matches("\"connections\":").count(), 1, "{status}");
         assert!(status.contains("\"connections_total\":"), "{status}");
         assert!(status.contains("\"packets_in\":10,"));
-        assert!(status.contains("\"uptime_seconds\":2.000}"));
+        assert!(status.contains("\"uptime_seconds\":2.000,\"methods\":[]}"));
         let metrics = get("/metrics");
         assert!(
             metrics.contains("# TYPE tbnet_packets_in_total counter\ntbnet_packets_in_total 10\n")
         );
         assert!(get("/nope").starts_with("HTTP/1.1 404 Not Found\r\n"));
+        let dashboard = get("/");
+        assert!(dashboard.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html"));
+        assert!(dashboard.contains("fetch('/status'"), "{dashboard}");
+        assert!(!dashboard.contains("http://") && !dashboard.contains("https://"));
         let head = respond(
             &Request {
                 head_only: true,
                 path: "/status".into(),
             },
-            &stats,
-            Duration::ZERO,
+            &Page {
+                stats,
+                uptime: Duration::ZERO,
+                methods: Vec::new(),
+            },
         );
         assert!(head.ends_with(b"\r\n\r\n"));
     }

@@ -14,14 +14,19 @@ use crate::packet::{ChannelId, Packet, PacketCode};
 /// The most requests one [`ChannelPool`] can hold pending (2^20 - 1).
 ///
 /// A channel id spends the bits its pool's capacity needs on the slot index
-/// and the rest on the slot's generation; this cap keeps at least 12
-/// generation bits.
+/// and the rest but the top bit on the slot's generation; this cap keeps at
+/// least 11 generation bits.
 pub const MAX_PENDING: usize = (1 << 20) - 1;
 
 /// Pending requests, keyed by the channel id their response will carry.
 ///
 /// A [`ChannelId`] packs a slot index (low bits, plus one, so id 0 is never
-/// issued) with that slot's generation (high bits). A slot's generation
+/// issued) with that slot's generation (the bits above, up to bit 30).
+/// Bit 31 tells who sent the request: clear in a pool made by
+/// [`new`](Self::new) (what clients send), set in one made by
+/// [`with_high_bit`](Self::with_high_bit) (requests a server sends to a
+/// connected client), so the two never issue the same id and each end can
+/// tell a response from a request by the id alone. A slot's generation
 /// advances each time it is freed, so a response arriving after its request
 /// timed out matches nothing, even when a newer request reuses the slot.
 ///
@@ -57,7 +62,12 @@ pub struct ChannelPool {
     /// How many may be pending now (`1..=`[`max_limit`](Self::max_limit)).
     limit: usize,
     index_bits: u32,
+    /// Bit 31 of every id issued: 0, or `SERVER_BIT`.
+    mark: u32,
 }
+
+/// Bit 31 of a channel id: set on requests a server sends to a client.
+pub(crate) const SERVER_BIT: u32 = 0x8000_0000;
 
 struct Entry {
     id: u32,
@@ -172,6 +182,28 @@ impl ChannelPool {
             capacity,
             limit: capacity,
             index_bits,
+            mark: 0,
+        }
+    }
+
+    /// A pool like [`new`](Self::new) whose ids all have bit 31 set: the
+    /// pool of requests a server sends over an accepted connection, whose
+    /// ids can then never equal one its client issued.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Instant;
+    /// use tbnet::{ChannelPool, ResponseFuture};
+    ///
+    /// let mut pool = ChannelPool::with_high_bit(4);
+    /// let (_future, completion) = ResponseFuture::new();
+    /// let id = pool.allocate(completion, Instant::now()).unwrap();
+    /// assert_eq!(id.get() >> 31, 1);
+    /// ```
+    pub fn with_high_bit(capacity: usize) -> Self {
+        ChannelPool {
+            mark: SERVER_BIT,
+            ..Self::new(capacity)
         }
     }
 
@@ -274,7 +306,7 @@ impl ChannelPool {
         if slot == self.generations.len() {
             self.generations.push(0);
         }
-        let id = (self.generations[slot] << self.index_bits) | (slot as u32 + 1);
+        let id = self.mark | (self.generations[slot] << self.index_bits) | (slot as u32 + 1);
         self.entries.insert(Entry {
             id,
             pcode,
@@ -389,7 +421,8 @@ impl ChannelPool {
 }
 
 fn next_generation(generation: u32, index_bits: u32) -> u32 {
-    let generation_bits = 32 - index_bits;
+    // Bit 31 is the pool's mark, never a generation bit.
+    let generation_bits = 31 - index_bits;
     generation.wrapping_add(1) & ((1u32 << generation_bits) - 1)
 }
 
@@ -562,6 +595,26 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(pool.expire(Instant::now(), &mut out), 0);
         drop(future);
+    }
+
+    #[test]
+    fn bit_31_tells_a_servers_ids_from_a_clients_in_every_generation() {
+        for capacity in [1, 256, MAX_PENDING] {
+            let mut client = ChannelPool::new(capacity);
+            let mut server = ChannelPool::with_high_bit(capacity);
+            let t0 = Instant::now();
+            // Past the generation counter's wrap for the largest capacity.
+            for _ in 0..5000 {
+                let fired = Arc::new(AtomicUsize::new(0));
+                let id = client.allocate(counting(&fired), t0).unwrap();
+                assert_eq!(id.get() >> 31, 0, "client id {id}");
+                client.cancel(id).unwrap().fire();
+                let id = server.allocate(counting(&fired), t0).unwrap();
+                assert_eq!(id.get() >> 31, 1, "server id {id}");
+                assert!(server.contains(id));
+                server.cancel(id).unwrap().fire();
+            }
+        }
     }
 
     #[test]

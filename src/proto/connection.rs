@@ -360,6 +360,16 @@ impl Connection {
         self.phase = Phase::Closing;
     }
 
+    /// Closes once everything queued is written (tbnet's
+    /// `setWriteFinishClose`): nothing more is read or decoded. A client
+    /// still connecting has nothing to write: it stays as it is (the
+    /// driver closes it).
+    pub fn close_when_written(&mut self) {
+        if self.phase != Phase::Connecting {
+            self.phase = Phase::Closing;
+        }
+    }
+
     /// The next whole frame, if decoding may go on and one is buffered.
     ///
     /// # Errors
@@ -819,5 +829,34 @@ mod tests {
         assert!(c.next_frame(&s).unwrap().is_none());
         c.set_budget_hold(false);
         assert!(c.next_frame(&s).unwrap().is_some());
+    }
+
+    #[test]
+    fn close_when_written_reads_no_more_and_closes_once_flushed() {
+        let t0 = Instant::now();
+        for side in [Side::Server, Side::Client] {
+            let mut c = match side {
+                Side::Server => Connection::server(t0, limits(), false),
+                Side::Client => {
+                    let mut c = Connection::client(t0, limits());
+                    c.connected(t0);
+                    c
+                }
+            };
+            c.handle_input(&frame(1, b"unread"), t0);
+            c.out().push_raw(Bytes::from_static(b"last words"));
+            c.close_when_written();
+            assert_eq!(c.hold(), Some(Hold::Closing));
+            assert!(!c.may_decode());
+            assert_eq!(c.next_frame(&DefaultStreamer::new()), Ok(None));
+            assert_eq!(c.poll_close(), None);
+            c.wrote(4);
+            assert_eq!(c.poll_close(), None);
+            c.wrote(6);
+            assert_eq!(c.poll_close(), Some(CloseReason::Answered));
+        }
+        let mut connecting = Connection::client(t0, limits());
+        connecting.close_when_written();
+        assert_eq!(connecting.phase(), Phase::Connecting);
     }
 }

@@ -153,6 +153,12 @@ impl FrameDecoder {
         *self = Self::with_read_chunk(self.read_chunk);
     }
 
+    /// Keeps `error`: the decoder stays failed.
+    fn fail(&mut self, error: FrameError) -> FrameError {
+        self.failed = Some(error.clone());
+        error
+    }
+
     /// Returns the next whole packet, `None` if more bytes are needed.
     ///
     /// # Errors
@@ -172,15 +178,29 @@ impl FrameDecoder {
         let header = match streamer.parse(&self.buf[..self.filled]) {
             Ok(Parse::Frame(header)) => header,
             Ok(Parse::Incomplete { needed }) => {
+                let max = streamer.max_frame_len();
+                if self.filled >= max {
+                    // A framing that keeps asking for more (no end of header
+                    // in sight) cannot grow the buffer past its limit.
+                    return Err(self.fail(FrameError::TooLarge {
+                        len: self.filled as u64,
+                        max,
+                    }));
+                }
                 self.needed = needed.max(self.filled + 1);
                 return Ok(None);
             }
-            Err(e) => {
-                self.failed = Some(e.clone());
-                return Err(e);
+            Err(e) => return Err(self.fail(e)),
+        };
+        let frame_len = match header.header_len.checked_add(header.body_len) {
+            Some(len) if len <= streamer.max_frame_len() => len,
+            _ => {
+                return Err(self.fail(FrameError::TooLarge {
+                    len: (header.header_len as u64).saturating_add(header.body_len as u64),
+                    max: streamer.max_frame_len(),
+                }))
             }
         };
-        let frame_len = header.header_len + header.body_len;
         if self.filled < frame_len {
             self.needed = frame_len;
             return Ok(None);
@@ -337,6 +357,67 @@ mod tests {
         d.reset();
         d.extend_from_slice(&encode_all(&[Packet::new(1, "ok")]));
         assert_eq!(d.next_packet(&s).unwrap().unwrap().body(), "ok");
+    }
+
+    /// A framing without a header that never finds its frame's end, and
+    /// one whose header announces more than its limit.
+    struct Endless {
+        announce: Option<usize>,
+    }
+
+    impl PacketStreamer for Endless {
+        fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
+            match self.announce {
+                None => Ok(Parse::Incomplete {
+                    needed: src.len() + 1,
+                }),
+                Some(body_len) => Ok(Parse::Frame(crate::proto::FrameHeader {
+                    pcode: crate::PacketCode(0),
+                    channel_id: ChannelId(1),
+                    header_len: 0,
+                    body_len,
+                })),
+            }
+        }
+
+        fn encode_header(&self, _packet: &Packet, _dst: &mut BytesMut) {}
+
+        fn max_frame_len(&self) -> usize {
+            100
+        }
+    }
+
+    #[test]
+    fn a_frame_that_never_ends_fails_at_the_framings_limit() {
+        let s = Endless { announce: None };
+        let mut d = FrameDecoder::new();
+        d.extend_from_slice(&[b'x'; 99]);
+        assert_eq!(d.next_packet(&s), Ok(None));
+        d.extend_from_slice(b"x");
+        assert_eq!(
+            d.next_packet(&s),
+            Err(FrameError::TooLarge { len: 100, max: 100 })
+        );
+        assert!(d.next_packet(&s).is_err(), "the error is sticky");
+    }
+
+    #[test]
+    fn a_framing_announcing_more_than_its_limit_fails_at_once() {
+        for announce in [101, usize::MAX] {
+            let s = Endless {
+                announce: Some(announce),
+            };
+            let mut d = FrameDecoder::new();
+            d.extend_from_slice(b"x");
+            assert!(matches!(
+                d.next_packet(&s),
+                Err(FrameError::TooLarge { max: 100, .. })
+            ));
+        }
+        let s = Endless { announce: Some(3) };
+        let mut d = FrameDecoder::new();
+        d.extend_from_slice(b"abcd");
+        assert_eq!(d.next_packet(&s).unwrap().unwrap().body(), "abc");
     }
 
     #[test]

@@ -12,10 +12,12 @@ mod outbound;
 pub(crate) mod reply;
 mod streamer;
 
+pub(crate) use channels::SERVER_BIT;
 pub use channels::{ChannelPool, Ready, MAX_PENDING};
 pub use connection::{CloseReason, Connection, Hold, Limits, Phase, Side};
 pub use framer::{FrameDecoder, DEFAULT_READ_CHUNK};
 pub use outbound::WriteQueue;
+pub(crate) use streamer::Codec;
 pub use streamer::{
     DefaultStreamer, FrameError, FrameHeader, PacketStreamer, Parse, DEFAULT_FLAG,
     DEFAULT_MAX_BODY_LEN, HEADER_LEN,

@@ -18,6 +18,10 @@ pub const ERROR_UNKNOWN_PCODE: i32 = -1;
 /// Error-reply code: the request's body did not decode as its message type.
 pub const ERROR_BAD_REQUEST: i32 = -2;
 
+/// Error-reply code: the handler's response did not encode (a declared
+/// service's codec refused it).
+pub const ERROR_BAD_RESPONSE: i32 = -3;
+
 /// The body of an error reply: `code` then `message`.
 pub(crate) fn encode_error(code: i32, message: &str) -> Bytes {
     let mut body = BytesMut::with_capacity(4 + message.len());

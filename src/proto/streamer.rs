@@ -1,6 +1,9 @@
 //! tbnet's frame: a 16-byte big-endian header, then the body (`WIRE.md`).
 
+use std::any::Any;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
 use bytes::BytesMut;
@@ -30,13 +33,17 @@ pub enum FrameError {
     },
     /// The header announced a negative body length.
     NegativeLength(i32),
-    /// The header announced a body longer than the configured maximum.
+    /// The header announced a body longer than the configured maximum (or a
+    /// custom framing's frame grew past its
+    /// [`max_frame_len`](PacketStreamer::max_frame_len) before it was whole).
     TooLarge {
         /// The announced body length.
         len: u64,
         /// The configured maximum.
         max: usize,
     },
+    /// A custom framing could not make sense of the bytes.
+    Malformed(&'static str),
 }
 
 impl fmt::Display for FrameError {
@@ -49,6 +56,7 @@ impl fmt::Display for FrameError {
             FrameError::TooLarge { len, max } => {
                 write!(f, "body length {len} exceeds the maximum of {max}")
             }
+            FrameError::Malformed(reason) => f.write_str(reason),
         }
     }
 }
@@ -88,9 +96,35 @@ pub struct FrameHeader {
 /// without copying, and memory limits live in
 /// [`FrameDecoder`](crate::proto::FrameDecoder) and
 /// [`WriteQueue`](crate::proto::WriteQueue), so every streamer gets them.
+///
+/// # Framings without a header
+/// tbnet's `existPacketHeader = false` (an HTTP or line protocol) is a
+/// streamer whose [`parse`](Self::parse) returns `header_len: 0` and the
+/// whole message as the body, with a packet code and a non-zero channel id
+/// of its choosing (id 0 would make the request one-way), and whose
+/// [`encode_header`](Self::encode_header) writes nothing: a reply's body
+/// goes on the wire as it is. Such a framing carries no channel ids, so it
+/// suits a server (its replies leave in the order they are made: use
+/// [`Dispatch::IoThread`](crate::Dispatch::IoThread) for one request at a
+/// time per connection, or answer in order); a client matches responses by
+/// the id `parse` returns.
+///
+/// # Limits
+/// A frame never grows past [`max_frame_len`](Self::max_frame_len): bytes
+/// that are still [`Parse::Incomplete`] beyond it, or a header announcing a
+/// longer frame, close the connection ([`FrameError::TooLarge`]), whatever
+/// `parse` does.
+///
+/// Transports use one streamer for every connection
+/// ([`TransportBuilder::streamer`](crate::TransportBuilder::streamer)); a
+/// listener ([`ListenOptions::streamer`](crate::ListenOptions::streamer)) or
+/// a manager
+/// ([`ConnectionManager::with_streamer`](crate::ConnectionManager::with_streamer))
+/// may choose another for its own connections.
 pub trait PacketStreamer: Send + Sync + 'static {
     /// Reads the header at the start of `src` (which may hold a partial
-    /// frame, or several frames). It must validate the header, including the
+    /// frame, or several frames). A panic here closes only the connection
+    /// the bytes came from. It must validate the header, including the
     /// body length against its maximum, before returning
     /// [`Parse::Frame`].
     ///
@@ -108,6 +142,13 @@ pub trait PacketStreamer: Send + Sync + 'static {
     /// a frame on the wire that the peer would close the connection over.
     fn max_body_len(&self) -> usize {
         i32::MAX as usize
+    }
+
+    /// The longest whole frame, header included (default
+    /// [`max_body_len`](Self::max_body_len) plus [`HEADER_LEN`]). The
+    /// decoder closes a connection whose frame would exceed it.
+    fn max_frame_len(&self) -> usize {
+        self.max_body_len().saturating_add(HEADER_LEN)
     }
 
     /// Appends the whole frame for `packet`: header, then body.
@@ -231,6 +272,82 @@ impl PacketStreamer for DefaultStreamer {
     }
 }
 
+/// A connection's streamer: tbnet's, called directly, or a custom one behind
+/// a dynamic call.
+///
+/// The enum keeps the default path free of an indirect call per frame: the
+/// decoder and write queue are generic over the streamer, so with
+/// `Codec` the tbnet arm is inlined and a custom streamer costs one match
+/// and one virtual call.
+#[derive(Clone)]
+pub(crate) enum Codec {
+    Tbnet(DefaultStreamer),
+    Custom(Arc<dyn PacketStreamer>),
+}
+
+impl Codec {
+    /// `streamer` as a codec: tbnet's own streamer is recognised and called
+    /// directly.
+    pub(crate) fn new<S: PacketStreamer>(streamer: S) -> Self {
+        match (&streamer as &dyn Any).downcast_ref::<DefaultStreamer>() {
+            Some(tbnet) => Codec::Tbnet(*tbnet),
+            None => Codec::Custom(Arc::new(streamer)),
+        }
+    }
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::Tbnet(DefaultStreamer::new())
+    }
+}
+
+impl fmt::Debug for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Codec::Tbnet(s) => s.fmt(f),
+            Codec::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+impl PacketStreamer for Codec {
+    #[inline]
+    fn parse(&self, src: &[u8]) -> Result<Parse, FrameError> {
+        match self {
+            Codec::Tbnet(s) => s.parse(src),
+            // A framing that panics on a peer's bytes costs that peer's
+            // connection, not the IO thread (free unless it panics).
+            Codec::Custom(s) => catch_unwind(AssertUnwindSafe(|| s.parse(src)))
+                .unwrap_or(Err(FrameError::Malformed("the framing panicked"))),
+        }
+    }
+
+    #[inline]
+    fn encode_header(&self, packet: &Packet, dst: &mut BytesMut) {
+        match self {
+            Codec::Tbnet(s) => s.encode_header(packet, dst),
+            Codec::Custom(s) => s.encode_header(packet, dst),
+        }
+    }
+
+    #[inline]
+    fn max_body_len(&self) -> usize {
+        match self {
+            Codec::Tbnet(s) => s.max_body_len,
+            Codec::Custom(s) => s.max_body_len(),
+        }
+    }
+
+    #[inline]
+    fn max_frame_len(&self) -> usize {
+        match self {
+            Codec::Tbnet(s) => s.max_body_len.saturating_add(HEADER_LEN),
+            Codec::Custom(s) => s.max_frame_len(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +454,32 @@ mod tests {
         assert_eq!(
             s.parse(&h),
             Err(FrameError::TooLarge { len: 101, max: 100 })
+        );
+    }
+
+    #[test]
+    fn codec_calls_tbnets_streamer_directly_and_others_through_it() {
+        let flagged = DefaultStreamer::new().with_flag(7).with_max_body_len(10);
+        let codec = Codec::new(flagged);
+        assert!(matches!(codec, Codec::Tbnet(s) if s == flagged));
+        assert_eq!(codec.max_frame_len(), 10 + HEADER_LEN);
+
+        struct Panicky;
+        impl PacketStreamer for Panicky {
+            fn parse(&self, _src: &[u8]) -> Result<Parse, FrameError> {
+                panic!("a framing with a bug")
+            }
+            fn encode_header(&self, _packet: &Packet, _dst: &mut BytesMut) {}
+            fn max_body_len(&self) -> usize {
+                5
+            }
+        }
+        let codec = Codec::new(Panicky);
+        assert!(matches!(codec, Codec::Custom(_)));
+        assert_eq!(codec.max_frame_len(), 5 + HEADER_LEN);
+        assert_eq!(
+            codec.parse(b"x"),
+            Err(FrameError::Malformed("the framing panicked"))
         );
     }
 

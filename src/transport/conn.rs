@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use crate::completion::{Cancel, Completion};
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
-use crate::proto::{ChannelPool, Ready, Side, WriteQueue};
+use crate::proto::{ChannelPool, Codec, PacketStreamer, Ready, Side, WriteQueue, SERVER_BIT};
 use crate::sync::{AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
 
+use super::events::{ConnectionEvents, DefaultHandler};
+use super::handler::ReplyTo;
 use super::outcomes::Outcomes;
 use super::stream::Security;
 use super::timer::{Kind, TimerKey};
@@ -76,6 +78,19 @@ pub(crate) struct Rejected {
 pub(crate) struct Conn {
     peer: SocketAddr,
     side: Side,
+    /// Unique among the transport's connections.
+    id: u64,
+    /// How packets become bytes on this connection.
+    codec: Codec,
+    /// What hears this connection open and close.
+    events: Option<Arc<dyn ConnectionEvents>>,
+    /// A client connection to a server its manager was connected to before.
+    reconnect: bool,
+    /// Clients: where packets matching no request go.
+    default_handler: Option<Arc<DefaultHandler>>,
+    /// Servers: a request was sent over this connection, so frames from the
+    /// client may be responses (checked once per decode pass).
+    expects_responses: AtomicBool,
     pub(crate) shared: Arc<Shared>,
     state: Mutex<ConnState>,
     /// Signalled when a full channel pool gets room or the connection
@@ -107,12 +122,22 @@ impl Conn {
             Side::Client => Status::Connecting,
             Side::Server => Status::Open,
         };
+        let pool = match side {
+            Side::Client => ChannelPool::new(queue_limit),
+            Side::Server => ChannelPool::with_high_bit(queue_limit),
+        };
         Conn {
             peer,
             side,
+            id: shared.next_conn_id(),
+            codec: shared.codec.clone(),
+            events: None,
+            reconnect: false,
+            default_handler: None,
+            expects_responses: AtomicBool::new(false),
             shared,
             state: Mutex::new(ConnState {
-                pool: ChannelPool::new(queue_limit),
+                pool,
                 out: WriteQueue::new(),
                 opened_at: None,
                 responded: false,
@@ -155,8 +180,93 @@ impl Conn {
         self.take_output(into)
     }
 
+    /// Frames this connection with `codec` instead of the transport's.
+    pub(crate) fn with_codec(mut self, codec: Option<Codec>) -> Self {
+        if let Some(codec) = codec {
+            self.codec = codec;
+        }
+        self
+    }
+
+    /// Tells `events` (if any) when this connection opens and closes; a
+    /// `reconnect` reports its opening as a reconnect.
+    pub(crate) fn with_events(
+        mut self,
+        events: Option<Arc<dyn ConnectionEvents>>,
+        reconnect: bool,
+    ) -> Self {
+        self.events = events;
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Clients: hands packets matching no request to `handler`'s handler.
+    pub(crate) fn with_default_handler(mut self, handler: Arc<DefaultHandler>) -> Self {
+        self.default_handler = Some(handler);
+        self
+    }
+
     pub(crate) fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn side(&self) -> Side {
+        self.side
+    }
+
+    pub(crate) fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    pub(crate) fn events(&self) -> Option<&Arc<dyn ConnectionEvents>> {
+        self.events.as_ref()
+    }
+
+    pub(crate) fn is_reconnect(&self) -> bool {
+        self.reconnect
+    }
+
+    /// Whether the connection ever opened.
+    pub(crate) fn was_opened(&self) -> bool {
+        let state = self.state.lock();
+        state.opened_at.is_some() || self.side == Side::Server
+    }
+
+    /// Servers: requests go out on this connection from now on.
+    pub(crate) fn expect_responses(&self) {
+        if !self.expects_responses.load(Ordering::Relaxed) {
+            self.expects_responses.store(true, Ordering::Release);
+        }
+    }
+
+    /// Servers: whether frames from the client may be responses.
+    pub(crate) fn expects_responses(&self) -> bool {
+        self.expects_responses.load(Ordering::Acquire)
+    }
+
+    /// Servers: completes the request `response` answers, or hands it back
+    /// (it is a request from the client).
+    pub(crate) fn take_response(&self, response: Packet) -> Result<(), Packet> {
+        let ready = {
+            let mut state = self.state.lock();
+            if !state.pool.contains(response.channel_id()) {
+                return Err(response);
+            }
+            let id = response.channel_id();
+            state
+                .pool
+                .finish(id, crate::proto::reply::classify(response))
+        };
+        if let Some(ready) = ready {
+            self.shared.stats.pending_removed(1);
+            self.trace_outcomes(std::slice::from_ref(&ready));
+            Outcomes::new(&self.shared, vec![ready]).deliver();
+        }
+        Ok(())
     }
 
     pub(crate) fn token(&self) -> usize {
@@ -343,7 +453,7 @@ impl Conn {
                 }
             };
             packet.set_channel_id(id);
-            state.out.push(&*self.shared.streamer, &packet);
+            state.out.push(&self.codec, &packet);
             // One timer entry per connection, at its earliest deadline: an
             // earlier one replaces it (the old connection reference is
             // dropped after the lock).
@@ -381,7 +491,7 @@ impl Conn {
 
     /// `FrameTooLarge` if the streamer cannot frame `packet`'s body.
     fn too_large(&self, packet: &Packet) -> Option<Error> {
-        let max = self.shared.streamer.max_body_len();
+        let max = self.codec.max_body_len();
         let len = packet.body().len();
         (len > max).then_some(Error::FrameTooLarge {
             len: len as u64,
@@ -393,6 +503,12 @@ impl Conn {
     /// refused (the connection closed, or too large) is counted as dropped.
     pub(crate) fn send_reply(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
         self.queue_frame(packet, true)
+    }
+
+    /// Queues a frame that expects no response (channel id as given): a
+    /// server's one-way packet to its client.
+    pub(crate) fn send_frame(self: &Arc<Self>, packet: Packet) -> Result<(), SendError<Packet>> {
+        self.queue_frame(packet, false)
     }
 
     /// A request no route wanted: counted in the transport's stats.
@@ -437,13 +553,13 @@ impl Conn {
                 }
                 return Err(SendError::new(error, packet));
             }
-            // Replies are never refused (reading pauses instead); a client's
-            // one-way messages are, like its requests.
-            if self.side == Side::Client && state.out.len() >= self.shared.config.max_outbound {
+            // Replies are never refused (reading pauses instead); one-way
+            // messages are, like requests.
+            if !reply && state.out.len() >= self.shared.config.max_outbound {
                 drop(state);
                 return Err(SendError::new(Error::QueueFull, packet));
             }
-            state.out.push(&*self.shared.streamer, &packet);
+            state.out.push(&self.codec, &packet);
             // Read under the lock: see `end_batch`.
             !self.in_batch()
         };
@@ -550,18 +666,26 @@ impl Conn {
     }
 
     /// IO thread: matches responses to pending requests. Responses that
-    /// match nothing are counted and dropped. `buffer` is reused.
+    /// match nothing are counted and dropped; packets the server sent on
+    /// its own (channel id 0 or bit 31 set) go to the default handler.
+    /// `buffer` is reused.
     pub(crate) fn complete_responses(
-        &self,
+        self: &Arc<Self>,
         responses: &mut Vec<Packet>,
         mut buffer: Vec<Ready>,
     ) -> Outcomes<'_> {
         let mut late = 0;
+        // Allocates only when the server sent something of its own.
+        let mut unsolicited = Vec::new();
         let mut discarded = 0;
         let room_waiters = {
             let mut state = self.state.lock();
             for response in responses.drain(..) {
                 let id = response.channel_id();
+                if id.get() & SERVER_BIT != 0 || id.is_none() {
+                    unsolicited.push(response);
+                    continue;
+                }
                 match state
                     .pool
                     .finish(id, crate::proto::reply::classify(response))
@@ -586,7 +710,33 @@ impl Conn {
         if late > 0 {
             tracing::debug!(peer = %self.peer, late, "dropped responses matching no pending request");
         }
+        for packet in unsolicited {
+            self.unsolicited(packet, &mut buffer);
+        }
         Outcomes::new(&self.shared, buffer)
+    }
+
+    /// A packet the server sent on its own: queued for the default handler
+    /// (with a way to reply, on the same thread as callbacks), or counted
+    /// as unhandled (no handler, or the callback queue is full).
+    fn unsolicited(self: &Arc<Self>, packet: Packet, into: &mut Vec<Ready>) {
+        let handler = self.default_handler.as_ref().and_then(|h| h.lock().clone());
+        // A server flooding the client cannot grow its callback queue
+        // past the limit that bounds its own callbacks.
+        let handler = handler.filter(|_| !self.shared.workers.callbacks_full());
+        let Some(handler) = handler else {
+            self.shared.stats.unhandled();
+            tracing::debug!(peer = %self.peer, channel_id = %packet.channel_id(), pcode = %packet.pcode(), "packet from the server matching no request, and no default handler");
+            return;
+        };
+        // Counted with the requests this transport answers (server rows).
+        let reply = ReplyTo::new(self.clone(), &packet, Instant::now());
+        let run = move |packet: Result<Packet, Error>| {
+            if let Ok(packet) = packet {
+                handler.handle_request(packet, reply);
+            }
+        };
+        into.push(Ready::new(Completion::callback(run), Ok(packet)));
     }
 
     /// Timer thread: ends the requests due at `now` with `Timeout` and
@@ -770,7 +920,7 @@ mod loom_tests {
     }
 
     /// What the IO thread does with a response read for `id`.
-    fn respond(conn: &Conn, id: ChannelId) {
+    fn respond(conn: &Arc<Conn>, id: ChannelId) {
         let mut response = Packet::new(PCODE, "pong");
         response.set_channel_id(id);
         drop(conn.complete_responses(&mut vec![response], Vec::new()));

@@ -4,14 +4,18 @@
 //! page) is built on these; the transport knows none of it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::error::SendError;
-use crate::packet::{ChannelId, Packet};
+use crate::metrics::ErrorKind;
+use crate::packet::{ChannelId, Packet, PacketCode};
+use crate::proto::reply::ERROR_PCODE;
+use crate::proto::Codec;
 
 use super::conn::Conn;
+use super::events::ConnectionEvents;
 use super::stats::StatsSnapshot;
 
 /// Where a listener's requests are handled.
@@ -71,6 +75,8 @@ pub(crate) struct SniffContext<'a> {
     pub(crate) stats: &'a dyn Fn() -> StatsSnapshot,
     /// Time since the transport started.
     pub(crate) uptime: Duration,
+    /// Per packet code numbers.
+    pub(crate) metrics: &'a crate::metrics::Metrics,
 }
 
 /// Looks at a server connection's first bytes before any frame is decoded.
@@ -89,6 +95,10 @@ pub(crate) struct Service {
     pub(crate) policy: super::admission::Policy,
     /// Plain TCP or TLS.
     pub(crate) security: super::stream::Security,
+    /// What hears the listener's connections open and close.
+    pub(crate) events: Option<Arc<dyn ConnectionEvents>>,
+    /// The listener's framing, if not the transport's.
+    pub(crate) codec: Option<Codec>,
 }
 
 /// The way back for one request: the transport's half of a responder.
@@ -96,19 +106,32 @@ pub(crate) struct Service {
 /// Ends exactly once, by [`send`](Self::send) or by being dropped; either
 /// way its connection counts the request as answered (a draining
 /// connection closes once every request it read is answered).
+///
+/// It also counts the request in the transport's per-code metrics, with
+/// the time since its frame was decoded.
 pub(crate) struct ReplyTo {
     conn: Arc<Conn>,
     channel_id: ChannelId,
+    pcode: PacketCode,
+    received: Instant,
     done: bool,
 }
 
 impl ReplyTo {
-    pub(crate) fn new(conn: Arc<Conn>, channel_id: ChannelId) -> Self {
+    pub(crate) fn new(conn: Arc<Conn>, request: &Packet, received: Instant) -> Self {
         ReplyTo {
             conn,
-            channel_id,
+            channel_id: request.channel_id(),
+            pcode: request.pcode(),
+            received,
             done: false,
         }
+    }
+
+    fn record(&self, error: Option<ErrorKind>) {
+        let shared = &self.conn.shared;
+        let latency = self.received.elapsed();
+        shared.metrics.server.record(self.pcode, latency, error);
     }
 
     pub(crate) fn conn(&self) -> &Arc<Conn> {
@@ -125,13 +148,22 @@ impl ReplyTo {
     /// The packet handed back if the connection closed.
     pub(crate) fn send(mut self, response: Packet) -> Result<(), SendError<Packet>> {
         self.done = true;
-        self.conn.send_reply(response)
+        let error_reply = response.pcode() == ERROR_PCODE;
+        let sent = self.conn.send_reply(response);
+        self.record(match (&sent, error_reply) {
+            (Err(_), _) => Some(ErrorKind::ReplyDropped),
+            (Ok(()), true) => Some(ErrorKind::Remote),
+            (Ok(()), false) => None,
+        });
+        sent
     }
 }
 
 impl Drop for ReplyTo {
     fn drop(&mut self) {
         if !self.done {
+            // A one-way request is not expected to be answered.
+            self.record((!self.channel_id.is_none()).then_some(ErrorKind::Unanswered));
             self.conn.answered_without_reply();
         }
     }

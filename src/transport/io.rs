@@ -21,11 +21,12 @@ use slab::Slab;
 
 use crate::error::Error;
 use crate::packet::Packet;
-use crate::proto::{CloseReason, Connection, Hold, Limits, Phase, Ready, Side};
+use crate::proto::{CloseReason, Connection, FrameError, Hold, Limits, Phase, Ready, Side};
 
 use super::admission::{Refusal, RefusalLog};
 use super::budget::Budget;
 use super::conn::{Conn, NO_TOKEN};
+use super::events::{CloseReason as EventReason, ConnectionEvent, SERVER_QUEUE_LIMIT};
 use super::handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed};
 use super::stream::Stream;
 use super::timer::{Kind, TimerKey};
@@ -80,6 +81,8 @@ struct IoConn {
     listener: Option<usize>,
     /// What its buffers hold, as last counted in the memory budget.
     charged: usize,
+    /// Its connect event was queued: its close event will be too.
+    announced: bool,
 }
 
 struct IoLoop {
@@ -183,6 +186,32 @@ fn close_error(reason: CloseReason) -> Error {
     }
 }
 
+/// What a connection's close hook hears for the state machine's `reason`.
+fn event_reason(reason: CloseReason) -> EventReason {
+    match reason {
+        // (A connection that never opened has no close event.) A peer too
+        // slow with its first frame or handshake is one that idled.
+        CloseReason::ConnectTimedOut
+        | CloseReason::Idle
+        | CloseReason::FirstFrameTimedOut
+        | CloseReason::HandshakeTimedOut => EventReason::Idle,
+        CloseReason::PeerClosed | CloseReason::Drained => EventReason::PeerClosed,
+        CloseReason::Answered => EventReason::Local,
+    }
+}
+
+/// What a connection's close hook hears when it closes with `error` (the
+/// sites that know better say so).
+fn error_reason(error: &Error) -> EventReason {
+    match error {
+        Error::Shutdown => EventReason::Shutdown,
+        Error::Timeout => EventReason::Idle,
+        Error::Io(_) => EventReason::Reset,
+        Error::MalformedFrame(_) | Error::FrameTooLarge { .. } => EventReason::BadFrame,
+        _ => EventReason::PeerClosed,
+    }
+}
+
 impl IoLoop {
     /// Runs every queued command; true on `Shutdown`.
     fn run_commands(&mut self) -> bool {
@@ -211,7 +240,14 @@ impl IoLoop {
                 }
             }
             Command::Close(conn, error) => match self.token_of(&conn) {
-                Some(token) => self.close(token, error),
+                // Only this side asks for a close.
+                Some(token) => {
+                    let reason = match error {
+                        Error::Shutdown => EventReason::Shutdown,
+                        _ => EventReason::Local,
+                    };
+                    self.close_because(token, reason, error);
+                }
                 // Not connected yet (or never to be): end it all the same.
                 None => drop(conn.close(error)),
             },
@@ -220,6 +256,10 @@ impl IoLoop {
                     self.timeout(token);
                 }
             }
+            Command::CloseWhenWritten(conn) => match self.token_of(&conn) {
+                Some(token) => self.close_when_written(token),
+                None => drop(conn.close(Error::Disconnected)),
+            },
             // Shutting down reads no more requests.
             Command::ResumeReading if stopping => {}
             Command::ResumeReading => self.resume(),
@@ -329,6 +369,7 @@ impl IoLoop {
             timer: None,
             listener,
             charged: 0,
+            announced: false,
         }));
         self.shared.stats.connection_opened();
         if listener.is_some() {
@@ -338,7 +379,28 @@ impl IoLoop {
             }
         }
         self.arm(token);
+        self.announce(token);
         true
+    }
+
+    /// Queues the connection's connect event, if it is open and has hooks.
+    fn announce(&mut self, token: usize) {
+        let shared = self.shared.clone();
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        if c.announced || c.state.phase() == Phase::Connecting {
+            return;
+        }
+        if let Some(events) = c.conn.events() {
+            c.announced = true;
+            let kind = if c.conn.is_reconnect() {
+                ConnectionEvent::Reconnected
+            } else {
+                ConnectionEvent::Connected
+            };
+            shared.events.emit(events.clone(), c.conn.clone(), kind);
+        }
     }
 
     /// Registers the connection's next deadline with the timer, if its
@@ -354,6 +416,23 @@ impl IoLoop {
         let old = c.timer.take().and_then(|key| shared.timer.remove(key));
         c.timer = shared.timer.insert(at, Kind::Connection, c.conn.clone());
         drop(old);
+    }
+
+    /// Takes what is queued on the connection, stops its reading, and
+    /// writes: `write` closes it once everything is out.
+    fn close_when_written(&mut self, token: usize) {
+        let Some(c) = self.conn_mut(token) else {
+            return;
+        };
+        if c.state.phase() == Phase::Connecting {
+            // Nothing was written yet, nor can be.
+            self.close_because(token, EventReason::Local, Error::Disconnected);
+            return;
+        }
+        let answered = c.conn.take_output(c.state.out());
+        c.state.set_answered(answered);
+        c.state.close_when_written();
+        self.write(token);
     }
 
     /// Something may be due on the connection: closes it, or re-arms.
@@ -379,7 +458,7 @@ impl IoLoop {
                     }
                     _ => tracing::info!(peer = %c.conn.peer(), "closing idle connection"),
                 }
-                self.close(token, close_error(reason));
+                self.close_because(token, event_reason(reason), close_error(reason));
             }
             None => self.arm(token),
         }
@@ -445,13 +524,17 @@ impl IoLoop {
                             continue;
                         }
                     };
-                    let conn = Arc::new(Conn::new(
+                    let conn = Conn::new(
                         self.shared.clone(),
                         peer,
                         Side::Server,
-                        1,
+                        SERVER_QUEUE_LIMIT,
                         Duration::ZERO,
-                    ));
+                    );
+                    let conn = Arc::new(
+                        conn.with_codec(service.codec.clone())
+                            .with_events(service.events.clone(), false),
+                    );
                     tracing::debug!(%peer, "accepted");
                     let sniff = service.sniffer.is_some();
                     let state = Connection::server(Instant::now(), self.limits(), sniff);
@@ -506,6 +589,7 @@ impl IoLoop {
                 drop(old);
                 tracing::debug!(peer = %c.conn.peer(), "connected");
                 self.arm(token);
+                self.announce(token);
                 self.write(token);
                 self.read(token);
             }
@@ -602,7 +686,7 @@ impl IoLoop {
                     }
                     match eof {
                         Some(reason) => {
-                            self.close(token, close_error(reason));
+                            self.close_because(token, event_reason(reason), close_error(reason));
                             return;
                         }
                         // Draining: decode what is buffered, then stop.
@@ -788,7 +872,7 @@ impl IoLoop {
         self.budget.recharge(&mut c.charged, memory);
         if let Some(reason) = c.state.poll_close().filter(|_| !c.stream.has_backlog()) {
             tracing::debug!(peer = %c.conn.peer(), ?reason, "connection done");
-            self.close(token, close_error(reason));
+            self.close_because(token, event_reason(reason), close_error(reason));
             return;
         }
         if !was_full && c.state.output_full() {
@@ -803,6 +887,11 @@ impl IoLoop {
 
     /// Closes a connection: deregisters it and fails its pending requests.
     fn close(&mut self, token: usize, error: Error) {
+        self.close_because(token, error_reason(&error), error);
+    }
+
+    /// [`close`](Self::close), telling the close hook `reason`.
+    fn close_because(&mut self, token: usize, reason: EventReason, error: Error) {
         if !matches!(self.endpoints.get(token), Some(Endpoint::Conn(_))) {
             return;
         }
@@ -823,6 +912,14 @@ impl IoLoop {
         tracing::debug!(peer = %c.conn.peer(), side = ?c.state.side(), reason = %error, "connection closed");
         drop(c.conn.close(error));
         self.shared.stats.connection_closed();
+        if c.announced {
+            if let Some(events) = c.conn.events() {
+                let kind = ConnectionEvent::Closed(reason);
+                self.shared
+                    .events
+                    .emit(events.clone(), c.conn.clone(), kind);
+            }
+        }
     }
 
     /// Stops listening, fails client requests with `Shutdown`, flushes
@@ -895,6 +992,7 @@ fn sniff(
         peer: c.conn.peer(),
         stats: &stats,
         uptime: shared.epoch.elapsed(),
+        metrics: &shared.metrics,
     };
     let first = c.state.first_bytes().map_or(&[][..], |b| &b[..len]);
     match sniffer.sniff(first, &context) {
@@ -909,7 +1007,7 @@ fn sniff(
         }
         Sniffed::Reject(reason) => {
             tracing::warn!(peer = %c.conn.peer(), reason, "closing connection: bad first bytes");
-            Err(Error::Disconnected)
+            Err(Error::MalformedFrame(FrameError::Malformed(reason)))
         }
         Sniffed::Refuse(reason) => {
             shared.stats.status_refused();
@@ -926,7 +1024,7 @@ fn decode_responses(
     responses: &mut Vec<Packet>,
 ) -> Result<(), Error> {
     loop {
-        match c.state.next_frame(&*shared.streamer) {
+        match c.state.next_frame(c.conn.codec()) {
             Ok(Some(packet)) => responses.push(packet),
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -1055,6 +1153,12 @@ impl RequestBatch<'_> {
     }
 
     fn decode_with(&mut self, c: &mut IoConn, service: &Service) -> Result<(), Error> {
+        // When this pass's requests arrived, for their latency: one clock
+        // read per pass, not per request.
+        let received = Instant::now();
+        // Once per pass, not per frame: a response can only follow the
+        // request that set it, written before this pass's bytes were read.
+        let outgoing = c.conn.expects_responses();
         loop {
             // Replies can be far larger than requests: every few requests,
             // gather this pass's replies so the state machine sees whether
@@ -1069,7 +1173,7 @@ impl RequestBatch<'_> {
                 self.out_of_room = true;
                 return Ok(());
             }
-            let packet = match c.state.next_frame(&*self.shared.streamer) {
+            let packet = match c.state.next_frame(c.conn.codec()) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -1079,6 +1183,15 @@ impl RequestBatch<'_> {
                 }
             };
             self.decoded += 1;
+            let packet = if outgoing {
+                // A response to a request this server sent, or a request.
+                match c.conn.take_response(packet) {
+                    Ok(()) => continue,
+                    Err(request) => request,
+                }
+            } else {
+                packet
+            };
             tracing::debug!(
                 peer = %c.conn.peer(),
                 channel_id = %packet.channel_id(),
@@ -1086,7 +1199,7 @@ impl RequestBatch<'_> {
                 body_len = packet.body().len(),
                 "request received"
             );
-            let reply = ReplyTo::new(c.conn.clone(), packet.channel_id());
+            let reply = ReplyTo::new(c.conn.clone(), &packet, received);
             // Workers take a pass at a time (one queue operation), batch
             // handlers too; plain handlers on this thread run at once.
             if service.batches || service.dispatch != Dispatch::IoThread {

@@ -15,6 +15,7 @@
 mod admission;
 mod budget;
 mod conn;
+mod events;
 mod handler;
 mod io;
 mod lifecycle;
@@ -38,12 +39,16 @@ use crossbeam_queue::SegQueue;
 
 use crate::completion::clamp_wait;
 use crate::error::Error;
-use crate::proto::{DefaultStreamer, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
-use crate::sync::Mutex;
+use crate::metrics::ErrorKind;
+use crate::proto::{Codec, PacketStreamer, Ready, DEFAULT_READ_CHUNK};
+use crate::sync::{AtomicU64, Mutex, Ordering};
 
 pub(crate) use admission::Policy;
 pub use admission::{AllowList, Cidr, CidrParseError};
 pub(crate) use conn::{Conn, Rejected};
+pub(crate) use events::DefaultHandler;
+use events::EventQueue;
+pub use events::{CloseReason, ConnectionEvent, ConnectionEvents, ConnectionHandle};
 pub use handler::Dispatch;
 pub(crate) use handler::{ReplyTo, RequestHandler, Service, SniffContext, Sniffed, Sniffer};
 use lifecycle::Lifecycle;
@@ -82,6 +87,8 @@ pub(crate) enum Command {
     Connect(Arc<Conn>),
     Flush(Arc<Conn>),
     Close(Arc<Conn>, Error),
+    /// Close once what is queued is written.
+    CloseWhenWritten(Arc<Conn>),
     /// The connection's deadline came: its state machine decides what is due.
     Timeout(Arc<Conn>),
     ResumeReading,
@@ -128,8 +135,17 @@ impl Config {
 /// queue once the threads are gone.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) streamer: Arc<dyn PacketStreamer>,
+    /// The transport's framing; listeners and managers may choose another.
+    pub(crate) codec: Codec,
+    /// Hooks for connections whose listener or manager names none.
+    pub(crate) default_events: Option<Arc<dyn ConnectionEvents>>,
     pub(crate) stats: Stats,
+    /// Per packet code requests, errors and latency, both sides.
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Runs connection event hooks on their own thread.
+    pub(crate) events: EventQueue,
+    /// The next connection's id.
+    next_conn_id: AtomicU64,
     /// When the transport started (the status page's uptime).
     pub(crate) epoch: std::time::Instant,
     pub(crate) timer: TimerTable,
@@ -150,8 +166,12 @@ impl Shared {
             timer: TimerTable::new(config.timer_tick),
             workers: WorkQueues::new(config.worker_queue, config.callback_queue),
             config,
-            streamer: builder.streamer,
+            codec: builder.streamer,
+            default_events: builder.events,
             stats: Stats::default(),
+            metrics: crate::metrics::Metrics::default(),
+            events: EventQueue::new(),
+            next_conn_id: AtomicU64::new(1),
             epoch: std::time::Instant::now(),
             lifecycle: Lifecycle::new(),
             commands: SegQueue::new(),
@@ -177,6 +197,7 @@ impl Shared {
                 Command::Connect(conn)
                 | Command::Flush(conn)
                 | Command::Close(conn, _)
+                | Command::CloseWhenWritten(conn)
                 | Command::Timeout(conn) => drop(conn.close(Error::Shutdown)),
                 Command::Listen(..) | Command::ResumeReading | Command::Shutdown => {}
             }
@@ -191,7 +212,10 @@ impl Shared {
         // The callbacks for the workers go as one batch: one queue
         // operation, and a vector from the pool (no allocation).
         let mut batch: Option<Vec<Ready>> = None;
+        // One clock read per batch for every request's latency.
+        let now = std::time::Instant::now();
         for ready in readies {
+            self.record_client(&ready, now);
             if let Some(ready) = self.fire_here(ready) {
                 batch
                     .get_or_insert_with(|| self.workers.spare_callbacks())
@@ -201,6 +225,14 @@ impl Shared {
         if let Some(batch) = batch {
             self.workers.push_callbacks(batch);
             self.workers_take_callbacks();
+        }
+    }
+
+    /// Counts a client request that ended, under its packet code.
+    fn record_client(&self, ready: &Ready, now: std::time::Instant) {
+        if let Some(latency) = ready.elapsed(now) {
+            let error = ready.result().as_ref().err().map(ErrorKind::of);
+            self.metrics.client.record(ready.pcode(), latency, error);
         }
     }
 
@@ -226,6 +258,11 @@ impl Shared {
         if self.lifecycle.is_stopped() {
             self.workers.drain_callbacks();
         }
+    }
+
+    /// A new connection's id (unique within the transport).
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
@@ -269,7 +306,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct TransportBuilder {
     config: Config,
-    streamer: Arc<dyn PacketStreamer>,
+    streamer: Codec,
+    events: Option<Arc<dyn ConnectionEvents>>,
 }
 
 impl fmt::Debug for TransportBuilder {
@@ -306,7 +344,8 @@ impl Default for TransportBuilder {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 memory_budget: None,
             },
-            streamer: Arc::new(DefaultStreamer::new()),
+            streamer: Codec::default(),
+            events: None,
         }
     }
 }
@@ -361,10 +400,27 @@ impl TransportBuilder {
         self
     }
 
-    /// The frame format (default [`DefaultStreamer`]: tbnet's, 64 MiB body
-    /// limit).
+    /// The frame format (default
+    /// [`DefaultStreamer`](crate::proto::DefaultStreamer): tbnet's, 64 MiB
+    /// body limit). A listener
+    /// ([`ListenOptions::streamer`](crate::ListenOptions::streamer)) or a
+    /// manager
+    /// ([`ConnectionManager::with_streamer`](crate::ConnectionManager::with_streamer))
+    /// may use another for its own connections. tbnet's streamer (with any
+    /// flag and limit) is called directly; another costs one virtual call
+    /// per frame.
     pub fn streamer<S: PacketStreamer>(mut self, streamer: S) -> Self {
-        self.streamer = Arc::new(streamer);
+        self.streamer = Codec::new(streamer);
+        self
+    }
+
+    /// Hooks told when any connection of this transport opens and closes
+    /// (default none), unless its listener
+    /// ([`ListenOptions::events`](crate::ListenOptions::events)) or manager
+    /// ([`ConnectionManager::with_events`](crate::ConnectionManager::with_events))
+    /// has hooks of its own. See [`ConnectionEvents`] for where they run.
+    pub fn events<E: ConnectionEvents>(mut self, events: E) -> Self {
+        self.events = Some(Arc::new(events));
         self
     }
 
@@ -581,6 +637,36 @@ impl Transport {
         snapshot
     }
 
+    /// Requests, errors by kind and a latency histogram per packet code, for
+    /// the requests this transport's listeners answered (server rows) and
+    /// those its clients sent (client rows); rows with no request yet are
+    /// left out. Server latency runs from the request's frame decoded to its
+    /// reply queued (or the responder dropped); client latency from the
+    /// request queued to its outcome (response, error reply, timeout,
+    /// disconnect, cancel or shutdown). Recording allocates nothing and
+    /// takes no lock; see [`metrics`](crate::metrics).
+    ///
+    /// # Examples
+    /// ```
+    /// use tbnet::metrics::Side;
+    /// use tbnet::{ConnectionManager, Packet, PacketCode, Responder, Transport};
+    ///
+    /// let transport = Transport::builder().start()?;
+    /// let addr = transport.listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap(), |req: Packet, resp: Responder| {
+    ///     let _ = resp.reply(req.reply("ok"));
+    /// })?;
+    /// let client = ConnectionManager::new(&transport);
+    /// client.call(addr, Packet::new(9, "hi"), None)?;
+    /// let rows = transport.method_metrics();
+    /// let sent = rows.iter().find(|r| r.side == Side::Client).unwrap();
+    /// assert_eq!((sent.pcode, sent.requests, sent.errors()), (Some(PacketCode(9)), 1, 0));
+    /// assert!(sent.latency.percentile(0.5).is_some());
+    /// # Ok::<(), tbnet::Error>(())
+    /// ```
+    pub fn method_metrics(&self) -> Vec<crate::metrics::CodeMetrics> {
+        self.inner.shared.metrics.snapshot()
+    }
+
     /// Stops the transport: stops accepting, fails every pending request with
     /// [`Error::Shutdown`], flushes queued replies for up to the shutdown
     /// grace period, and joins the threads. A worker stuck in a handler past
@@ -638,6 +724,8 @@ impl Inner {
             drop(conn.close(Error::Shutdown));
         }
         let _ = join(threads.timer, "timer");
+        // Every close event was queued by now (the IO thread is gone).
+        shared.events.stop(shared.config.shutdown_grace);
         workers::finish_stop(&shared.workers, threads.workers, deadline);
         shared.lifecycle.workers_exited();
         shared.workers.drop_requests();

@@ -43,16 +43,17 @@ const HALF_CLOSES: usize = 7;
 const CONNECT_ATTEMPTS: usize = 8;
 const EARLY_FAILURES: usize = 9;
 const POST_REPLIES: usize = 10;
-const REFUSED: usize = 11;
-const OVER_LIMIT: usize = 12;
-const ACCEPT_ERRORS: usize = 13;
-const FIRST_FRAME_TIMEOUTS: usize = 14;
-const HANDSHAKE_FAILURES: usize = 15;
-const STATUS_REFUSED: usize = 16;
-const POLL_WAKEUPS: usize = 17;
-const MEMORY: usize = 18;
-const BUDGET_HOLDS: usize = 19;
-const IN_FLIGHT_HOLDS: usize = 20;
+const UNHANDLED: usize = 11;
+const REFUSED: usize = 12;
+const OVER_LIMIT: usize = 13;
+const ACCEPT_ERRORS: usize = 14;
+const FIRST_FRAME_TIMEOUTS: usize = 15;
+const HANDSHAKE_FAILURES: usize = 16;
+const STATUS_REFUSED: usize = 17;
+const POLL_WAKEUPS: usize = 18;
+const MEMORY: usize = 19;
+const BUDGET_HOLDS: usize = 20;
+const IN_FLIGHT_HOLDS: usize = 21;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -63,7 +64,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<21>,
+    io: Line<22>,
     callers: Line<5>,
 }
 
@@ -157,6 +158,10 @@ impl Stats {
         self.callers.add(UNROUTED, 1);
     }
 
+    pub(crate) fn unhandled(&self) {
+        self.io.add(UNHANDLED, 1);
+    }
+
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             packets_in: self.io.get(PACKETS_IN),
@@ -178,6 +183,7 @@ impl Stats {
             connect_attempts: self.io.get(CONNECT_ATTEMPTS),
             early_failures: self.io.get(EARLY_FAILURES),
             post_replies: self.io.get(POST_REPLIES),
+            unhandled: self.io.get(UNHANDLED),
             refused: self.io.get(REFUSED),
             over_limit: self.io.get(OVER_LIMIT),
             accept_errors: self.io.get(ACCEPT_ERRORS),
@@ -239,6 +245,11 @@ pub struct StatsSnapshot {
     /// [`ConnectionManager::post`](crate::ConnectionManager::post): matched
     /// to their channel id, then discarded.
     pub post_replies: u64,
+    /// Packets a server sent a client on its own (one-way, or requests)
+    /// that found no default handler
+    /// ([`ConnectionManager::set_default_handler`](crate::ConnectionManager::set_default_handler)),
+    /// or found the callback queue full, and were dropped.
+    pub unhandled: u64,
     /// Connections refused at accept because the peer is not on the
     /// listener's allow-list.
     pub refused: u64,

@@ -861,10 +861,10 @@ mod loom_tests {
             ));
             let strand = Arc::new(Strand::new(Arc::new(record.clone()), false));
             for body in [1u8, 2] {
-                let mut pass = vec![(
-                    Packet::new(1, vec![body]),
-                    ReplyTo::new(conn.clone(), crate::packet::ChannelId(u32::from(body))),
-                )];
+                let mut request = Packet::new(1, vec![body]);
+                request.set_channel_id(crate::packet::ChannelId(u32::from(body)));
+                let reply = ReplyTo::new(conn.clone(), &request, std::time::Instant::now());
+                let mut pass = vec![(request, reply)];
                 assert!(shared.workers.push_ordered(&strand, &mut pass));
                 shared.workers.notify();
             }

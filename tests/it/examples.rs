@@ -86,6 +86,7 @@ fn echo_client_against_an_echo_server_process() {
     }
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn kv_client_with_its_embedded_server() {
     let output = Command::new(example_binary("kv_client"))
@@ -102,6 +103,7 @@ fn kv_client_with_its_embedded_server() {
     assert!(stdout.lines().last() == Some("ok"), "{stdout}");
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn kv_client_against_a_kv_server_process() {
     let (mut server, addr) =
@@ -160,6 +162,57 @@ fn echo_server_admits_only_its_allow_list_and_connection_limit() {
     assert!(!over.status.success(), "a third connection was served");
     open.kill().unwrap();
     open.wait().unwrap();
+}
+
+#[test]
+fn tokio_client_with_many_tasks_checks_every_answer() {
+    let output = Command::new(example_binary("tokio_client"))
+        .args(["--tasks", "50", "--requests", "10"])
+        .output()
+        .expect("run the tokio_client example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "tokio_client failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("echo    500 answers checked from 50 tasks"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upper   10 typed calls awaited"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().last(), Some("ok"), "{stdout}");
+}
+
+#[test]
+fn tokio_client_against_an_echo_server_process() {
+    let (mut server, addr) = spawn_echo_server(2);
+    let output = Command::new(example_binary("tokio_client"))
+        .args([
+            "--addr",
+            &addr.to_string(),
+            "--tasks",
+            "20",
+            "--requests",
+            "5",
+        ])
+        .output()
+        .expect("run the tokio_client example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("echo    100 answers checked from 20 tasks"),
+        "{stdout}"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The public handles can cross and be shared between threads.
 
 use tbnet::{
-    ConnectionManager, Error, Packet, Responder, ResponseFuture, SendError, StatsSnapshot,
-    Transport, WaitObject,
+    CloseReason, ConnectionEvent, ConnectionHandle, ConnectionManager, Error, ListenOptions,
+    Packet, Responder, ResponseFuture, SendError, StatsSnapshot, Transport, WaitObject,
 };
 
 fn assert_send<T: Send>() {}
@@ -20,6 +20,10 @@ fn public_handles_are_send_and_sync() {
     assert_sync::<ResponseFuture>();
     assert_send::<WaitObject>();
     assert_sync::<WaitObject>();
+    assert_send::<ConnectionHandle>();
+    assert_sync::<ConnectionHandle>();
+    assert_send::<ListenOptions>();
+    assert_sync::<ListenOptions>();
 }
 
 #[test]
@@ -32,4 +36,8 @@ fn values_are_send_and_sync() {
     assert_sync::<SendError<Packet>>();
     assert_send::<StatsSnapshot>();
     assert_sync::<StatsSnapshot>();
+    assert_send::<ConnectionEvent>();
+    assert_sync::<ConnectionEvent>();
+    assert_send::<CloseReason>();
+    assert_sync::<CloseReason>();
 }
