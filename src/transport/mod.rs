@@ -209,21 +209,18 @@ impl Shared {
     /// unless the builder asked for them inline. The workers are woken once
     /// for all the callbacks of the batch.
     pub(crate) fn deliver_all(&self, readies: impl Iterator<Item = Ready>) {
-        // The callbacks for the workers go as one batch: one queue
-        // operation, and a vector from the pool (no allocation).
-        let mut batch: Option<Vec<Ready>> = None;
+        // The workers are woken once for all the callbacks of the batch.
+        let mut queued = false;
         // One clock read per batch for every request's latency.
         let now = std::time::Instant::now();
         for ready in readies {
             self.record_client(&ready, now);
             if let Some(ready) = self.fire_here(ready) {
-                batch
-                    .get_or_insert_with(|| self.workers.spare_callbacks())
-                    .push(ready);
+                self.workers.push_callback(ready);
+                queued = true;
             }
         }
-        if let Some(batch) = batch {
-            self.workers.push_callbacks(batch);
+        if queued {
             self.workers_take_callbacks();
         }
     }

@@ -40,6 +40,21 @@ pub(crate) enum Job {
         handler: Arc<dyn RequestHandler>,
         requests: Vec<(Packet, ReplyTo)>,
     },
+    /// A pass a worker is running, shared so that idle workers help: its
+    /// requests were counted taken when that worker took the pass.
+    Share(Arc<Pass>),
+}
+
+/// A decode pass's requests shared by the workers running it: each takes
+/// the next request under the lock.
+pub(crate) struct Pass {
+    state: Mutex<PassState>,
+}
+
+struct PassState {
+    /// `None` while the pass waits in the pool.
+    handler: Option<Arc<dyn RequestHandler>>,
+    requests: VecDeque<(Packet, ReplyTo)>,
 }
 
 impl Job {
@@ -48,6 +63,7 @@ impl Job {
         match self {
             Job::One { .. } => 1,
             Job::Requests { requests, .. } | Job::Batch { requests, .. } => requests.len(),
+            Job::Share(_) => 0,
         }
     }
 }
@@ -119,6 +135,10 @@ pub(crate) struct WorkQueues {
     /// Emptied request vectors, for the IO thread to gather the next pass
     /// in: no allocation per pass at steady state.
     spare: ArrayQueue<Vec<(Packet, ReplyTo)>>,
+    /// Finished shared passes, for the next pass to share.
+    spare_passes: ArrayQueue<Arc<Pass>>,
+    /// Worker threads started (sharing a pass needs a second one).
+    workers: AtomicUsize,
     /// Ordered connections with requests waiting (bounded by the number
     /// of connections: a strand is queued at most once).
     strands: SegQueue<Arc<Strand>>,
@@ -127,10 +147,7 @@ pub(crate) struct WorkQueues {
     /// taken whole while there is room, so one pass may go over.
     queued: AtomicUsize,
     limit: usize,
-    /// Callbacks, a batch (the responses one read completed) at a time.
-    callbacks: SegQueue<Vec<Ready>>,
-    /// Emptied callback vectors, for the next batch.
-    spare_callbacks: ArrayQueue<Vec<Ready>>,
+    callbacks: SegQueue<Ready>,
     /// Callbacks queued and not yet run, and how many may be.
     callbacks_queued: AtomicUsize,
     callback_limit: usize,
@@ -153,11 +170,12 @@ impl WorkQueues {
         WorkQueues {
             requests: ArrayQueue::new(capacity.max(1)),
             spare: ArrayQueue::new(SPARE_VECS),
+            spare_passes: ArrayQueue::new(SPARE_VECS),
+            workers: AtomicUsize::new(0),
             strands: SegQueue::new(),
             queued: AtomicUsize::new(0),
             limit: capacity.max(1),
             callbacks: SegQueue::new(),
-            spare_callbacks: ArrayQueue::new(SPARE_VECS),
             callbacks_queued: AtomicUsize::new(0),
             callback_limit,
             sleepers: AtomicUsize::new(0),
@@ -267,27 +285,54 @@ impl WorkQueues {
         self.spare.pop().unwrap_or_default()
     }
 
-    /// Queues a batch of callbacks (not empty), run in order unless a
-    /// worker is idle to share them; the caller wakes the workers with
-    /// [`notify`](Self::notify).
-    pub(crate) fn push_callbacks(&self, batch: Vec<Ready>) {
-        self.callbacks_queued
-            .fetch_add(batch.len(), Ordering::Relaxed);
-        self.callbacks.push(batch);
+    /// A shared pass holding `requests` (a finished one, if any).
+    fn pass(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        requests: Vec<(Packet, ReplyTo)>,
+    ) -> Arc<Pass> {
+        let pass = self.spare_passes.pop().unwrap_or_else(|| {
+            Arc::new(Pass {
+                state: Mutex::new(PassState {
+                    handler: None,
+                    requests: VecDeque::new(),
+                }),
+            })
+        });
+        {
+            let mut state = pass.state.lock();
+            state.handler = Some(handler);
+            // No allocation: the deque takes over the vector's buffer
+            // (the empty one it had goes back to the vector pool).
+            let empty = std::mem::replace(&mut state.requests, VecDeque::from(requests));
+            let _ = self.spare.push(Vec::from(empty));
+        }
+        pass
     }
 
-    /// Queues one callback; as [`push_callbacks`](Self::push_callbacks).
-    #[cfg(loom)]
+    /// A worker finished with `pass`: if no one else holds it, its buffer
+    /// and itself go back to the pools.
+    fn recycle(&self, pass: Arc<Pass>) {
+        if Arc::strong_count(&pass) != 1 {
+            return;
+        }
+        {
+            let mut state = pass.state.lock();
+            state.handler = None;
+            if !state.requests.is_empty() {
+                // (Only at shutdown, when requests are dropped.)
+                state.requests.clear();
+            }
+        }
+        let _ = self.spare_passes.push(pass);
+    }
+
+    /// Queues a callback; the caller wakes the workers with
+    /// [`notify`](Self::notify) once per batch. (One entry per callback, so
+    /// that a slow callback holds up only itself.)
     pub(crate) fn push_callback(&self, ready: Ready) {
-        let mut batch = self.spare_callbacks();
-        batch.push(ready);
-        self.push_callbacks(batch);
-    }
-
-    /// An empty vector for a batch of callbacks (one a worker emptied, if
-    /// any).
-    pub(crate) fn spare_callbacks(&self) -> Vec<Ready> {
-        self.spare_callbacks.pop().unwrap_or_default()
+        self.callbacks_queued.fetch_add(1, Ordering::Relaxed);
+        self.callbacks.push(ready);
     }
 
     /// Whether as many callbacks wait as the limit allows: new requests with
@@ -297,11 +342,10 @@ impl WorkQueues {
         self.callbacks_queued.load(Ordering::Relaxed) >= self.callback_limit
     }
 
-    fn pop_callbacks(&self) -> Option<Vec<Ready>> {
-        let batch = self.callbacks.pop()?;
-        self.callbacks_queued
-            .fetch_sub(batch.len(), Ordering::Relaxed);
-        Some(batch)
+    fn pop_callback(&self) -> Option<Ready> {
+        let ready = self.callbacks.pop()?;
+        self.callbacks_queued.fetch_sub(1, Ordering::Relaxed);
+        Some(ready)
     }
 
     pub(crate) fn enter_busy(&self) {
@@ -366,10 +410,8 @@ impl WorkQueues {
     /// Runs callbacks still queued (on the calling thread). Used when the
     /// workers are gone.
     pub(crate) fn drain_callbacks(&self) {
-        while let Some(batch) = self.pop_callbacks() {
-            for ready in batch {
-                run_callback(ready);
-            }
+        while let Some(ready) = self.pop_callback() {
+            run_callback(ready);
         }
     }
 }
@@ -377,6 +419,7 @@ impl WorkQueues {
 /// Starts `n` workers named `tbnet-worker-N`.
 pub(crate) fn spawn(shared: &Arc<Shared>, n: usize) -> std::io::Result<Vec<JoinHandle<()>>> {
     *shared.workers.running.lock() = n;
+    shared.workers.workers.store(n, Ordering::Relaxed);
     (0..n)
         .map(|i| {
             let shared = shared.clone();
@@ -439,28 +482,15 @@ fn work(shared: &Shared) {
 
 fn run_one_callback(shared: &Shared) -> bool {
     let queues = &shared.workers;
-    let Some(mut batch) = queues.pop_callbacks() else {
+    let Some(ready) = queues.pop_callback() else {
         return false;
     };
     // Woken once per batch, a worker passes the wake on while more wait
-    // (as for requests).
+    // (as for requests), so a slow callback holds up only itself.
     if !queues.callbacks.is_empty() {
         queues.notify();
     }
-    let mut drain = batch.drain(..);
-    while let Some(ready) = drain.next() {
-        // A worker is idle: it takes the rest, so a slow callback holds up
-        // only itself.
-        if drain.len() > 0 && queues.sleepers.load(Ordering::Relaxed) > 0 {
-            let mut rest = queues.spare_callbacks();
-            rest.extend(drain.by_ref());
-            queues.push_callbacks(rest);
-            queues.notify();
-        }
-        run_callback(ready);
-    }
-    drop(drain);
-    let _ = queues.spare_callbacks.push(batch);
+    run_callback(ready);
     true
 }
 
@@ -488,57 +518,74 @@ fn run_one_request(shared: &Shared) -> bool {
     }
     queues.enter_busy();
     match job {
+        Job::One {
+            handler,
+            request,
+            reply,
+        } => run_request(handler.as_ref(), request, reply),
         Job::Requests { handler, requests } => run_requests(queues, handler, requests),
-        job => run_job(job),
+        Job::Batch { handler, requests } => run_batch(handler.as_ref(), requests),
+        Job::Share(pass) => run_pass(queues, pass),
     }
     queues.leave_busy();
     true
 }
 
-/// Runs one decode pass's requests in order, handing the rest to another
-/// worker whenever one is idle: a pass costs one queue operation when the
-/// pool is busy, and a slow handler never holds up the rest of its pass
-/// while a worker could take it.
+/// Runs one decode pass's requests in order. With other workers in the
+/// pool the pass is shared first: it goes back on the queue (one push of a
+/// reference), so any worker that comes free takes its next request, and a
+/// slow handler never holds up the rest of its pass.
 fn run_requests(
     queues: &WorkQueues,
     handler: Arc<dyn RequestHandler>,
     mut requests: Vec<(Packet, ReplyTo)>,
 ) {
+    if requests.len() > 1 && queues.workers.load(Ordering::Relaxed) > 1 {
+        let pass = queues.pass(handler, requests);
+        if queues.requests.push(Job::Share(pass.clone())).is_ok() {
+            queues.notify();
+        }
+        run_pass(queues, pass);
+        return;
+    }
     let Some(conn) = requests.first().map(|(_, reply)| reply.conn().clone()) else {
         return;
     };
     let mut run = RepliesHeld::begin(conn);
-    let mut drain = requests.drain(..);
-    while let Some((request, reply)) = drain.next() {
+    for (request, reply) in requests.drain(..) {
         run.flush_if_due();
-        if drain.len() > 0 && queues.sleepers.load(Ordering::Relaxed) > 0 {
-            let mut rest = queues.spare_vec();
-            rest.extend(drain.by_ref());
-            let n = rest.len();
-            let job = Job::Requests {
-                handler: handler.clone(),
-                requests: rest,
-            };
-            // Counted as waiting again, since the worker that takes them
-            // counts them taken.
-            queues.queued.fetch_add(n, Ordering::SeqCst);
-            match queues.requests.push(job) {
-                Ok(()) => queues.notify(),
-                // No room: run them here after all.
-                Err(Job::Requests { requests: rest, .. }) => {
-                    queues.queued.fetch_sub(n, Ordering::SeqCst);
-                    run_request(handler.as_ref(), request, reply);
-                    drop(run);
-                    run_requests(queues, handler, rest);
-                    break;
-                }
-                Err(_) => unreachable!("pushed a Job::Requests"),
-            }
-        }
         run_request(handler.as_ref(), request, reply);
     }
-    drop(drain);
+    drop(run);
     let _ = queues.spare.push(requests);
+}
+
+/// Takes a shared pass's requests one at a time until none is left.
+fn run_pass(queues: &WorkQueues, pass: Arc<Pass>) {
+    // Taken once per worker and pass, not per request.
+    let mut handler: Option<Arc<dyn RequestHandler>> = None;
+    let mut run: Option<RepliesHeld> = None;
+    loop {
+        let (request, reply) = {
+            let mut state = pass.state.lock();
+            let Some(next) = state.requests.pop_front() else {
+                break;
+            };
+            if handler.is_none() {
+                handler = state.handler.clone();
+            }
+            next
+        };
+        match &mut run {
+            Some(run) => run.flush_if_due(),
+            None => run = Some(RepliesHeld::begin(reply.conn().clone())),
+        }
+        if let Some(handler) = &handler {
+            run_request(handler.as_ref(), request, reply);
+        }
+    }
+    drop(run);
+    queues.recycle(pass);
 }
 
 /// Runs an ordered connection's requests one after another, for at most
@@ -686,22 +733,6 @@ fn run_request(handler: &dyn RequestHandler, request: Packet, reply: ReplyTo) {
     let peer = reply.conn().peer();
     if catch_unwind(AssertUnwindSafe(|| handler.handle_request(request, reply))).is_err() {
         tracing::error!(%peer, "a request handler panicked");
-    }
-}
-
-fn run_job(job: Job) {
-    match job {
-        Job::One {
-            handler,
-            request,
-            reply,
-        } => run_request(handler.as_ref(), request, reply),
-        Job::Requests { handler, requests } => {
-            for (request, reply) in requests {
-                run_request(handler.as_ref(), request, reply);
-            }
-        }
-        Job::Batch { handler, requests } => run_batch(handler.as_ref(), requests),
     }
 }
 
