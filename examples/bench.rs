@@ -606,7 +606,7 @@ enum PinArg {
 
 /// End-to-end benchmark: tbnet against a raw baseline; prints a Markdown table.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Seconds per row, split over the rounds (default 2; 1 with --quick).
     #[arg(long)]

@@ -345,7 +345,7 @@ fn client_allocations_per_request(requests: usize) {
 
 /// Memory and allocations per connection, pending request and request (dhat).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Idle connections to open and measure.
     #[arg(long, default_value_t = 5000)]

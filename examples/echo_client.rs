@@ -47,7 +47,7 @@ use tbnet::{ConnectionManager, Dispatch, Packet, Responder, ToEndpoint, Transpor
 
 /// tbnet echo client: drives an echo server and checks every answer.
 #[derive(Parser, Clone, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Server to drive, `HOST:PORT` or tbnet's `tcp:HOST:PORT`; absent, an
     /// embedded echo server on 127.0.0.1:0.

@@ -34,7 +34,7 @@ use tbnet::{AllowList, Cidr, Dispatch, ListenOptions, Packet, Responder, ToEndpo
 
 /// tbnet echo server: answers every request with its own packet code and body.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Address to listen on, `HOST:PORT` or tbnet's `tcp:HOST:PORT`.
     #[arg(long, default_value = "127.0.0.1:8765", value_parser = endpoint)]

@@ -26,7 +26,7 @@ use tbnet::{ChannelId, Dispatch, ListenOptions, Packet, PacketCode, Responder, T
 
 /// A minimal HTTP/1.1 server built on tbnet.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]

@@ -204,7 +204,7 @@ fn run(manager: &ConnectionManager, addr: SocketAddr, keys: usize) -> Result<(),
 
 /// A client for `kv_server` that uses every way of waiting and checks every answer.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Server to use, `HOST:PORT` or tbnet's `tcp:HOST:PORT`; absent, an
     /// embedded kv server on 127.0.0.1:0.

@@ -22,7 +22,7 @@ use clap::Parser;
 
 /// A small in-memory key-value server on tbnet.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Address to listen on, `HOST:PORT` or tbnet's `tcp:HOST:PORT`.
     #[arg(long, default_value = "127.0.0.1:8766", value_parser = kv::endpoint)]

@@ -39,7 +39,7 @@ impl shout::Service for Shout {
 
 /// Many tokio tasks awaiting tbnet calls on one shared client.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Echo server to call; absent, an embedded one on 127.0.0.1:0 (which
     /// also serves the typed `upper` method).
