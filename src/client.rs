@@ -162,6 +162,8 @@ struct ServerSlot {
     retry_at: Option<Instant>,
     /// The closed `conn` was already counted in `failures`.
     accounted: bool,
+    /// A connection to this server opened once: the next one reconnects.
+    opened_before: bool,
     stats: ServerStats,
 }
 
@@ -921,6 +923,7 @@ impl ConnectionManager {
             failures: 0,
             retry_at: None,
             accounted: false,
+            opened_before: false,
             stats: ServerStats::default(),
         })
     }
@@ -961,17 +964,18 @@ impl ConnectionManager {
         if shared.is_stopping() {
             return Err(Error::Shutdown);
         }
-        let now = Instant::now();
         let mut conns = self.conns.lock();
         let mut connect_at = None;
         let slot = self.slot(&mut conns, server);
-        // A connection to this server opened before: this one reconnects.
-        let reconnect = slot.conn.as_ref().is_some_and(|conn| conn.was_opened());
         if let Some(conn) = &slot.conn {
             if !conn.is_closed() {
                 return Ok((conn.clone(), slot.default_timeout));
             }
+            // Any connection to this server that opened makes the next
+            // one a reconnect, not only the last attempt.
+            slot.opened_before |= conn.was_opened();
             self.account(slot);
+            let now = Instant::now();
             if !explicit {
                 match (self.while_down, slot.retry_at) {
                     (WhileDown::StayDown, _) => return Err(Error::Disconnected),
@@ -994,7 +998,7 @@ impl ConnectionManager {
             conn.with_codec(self.codec.clone())
                 .with_events(
                     (self.events.clone()).or_else(|| shared.default_events.clone()),
-                    reconnect,
+                    slot.opened_before,
                 )
                 .with_default_handler(self.default_handler.clone())
                 .with_security(self.security.clone()),

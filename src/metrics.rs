@@ -203,7 +203,11 @@ impl CodeTable {
     /// The row of `pcode`, claiming a free slot on first sight.
     fn row(&self, pcode: PacketCode) -> &Row {
         let key = i64::from(pcode.get());
-        let start = (pcode.get() as u32).wrapping_mul(0x9E37_79B9) as usize % MAX_CODES;
+        // Fibonacci hashing: the product's top bits mix every bit of the
+        // code (its low bits would be the code's own low bits).
+        let start = ((pcode.get() as u32).wrapping_mul(0x9E37_79B9)
+            >> (32 - MAX_CODES.trailing_zeros())) as usize
+            % MAX_CODES;
         for probe in 0..MAX_CODES {
             let row = &self.rows[(start + probe) % MAX_CODES];
             match row.key.load(Ordering::Acquire) {

@@ -97,10 +97,8 @@ pub(crate) struct Conn {
     /// closes, for submitters that wait for room.
     room: Condvar,
     flush_scheduled: AtomicBool,
-    /// Runs of this connection's requests going on now: the IO thread's
-    /// inline decode pass, or a worker's pass or strand turn. Replies made
-    /// meanwhile need no flush request each: the run's end takes them (IO
-    /// thread) or asks for one flush (worker).
+    /// The IO thread's inline decode passes going on now: replies made
+    /// meanwhile need no flush request each, the pass's end takes them.
     batches: AtomicUsize,
     token: AtomicUsize,
     /// Clients: how long an open connection must last to count as healthy
@@ -251,6 +249,11 @@ impl Conn {
     /// Servers: completes the request `response` answers, or hands it back
     /// (it is a request from the client).
     pub(crate) fn take_response(&self, response: Packet) -> Result<(), Packet> {
+        // Ids this server issues carry bit 31: anything else is a request,
+        // told apart without the lock.
+        if response.channel_id().get() & SERVER_BIT == 0 {
+            return Err(response);
+        }
         let ready = {
             let mut state = self.state.lock();
             if !state.pool.contains(response.channel_id()) {
@@ -264,7 +267,7 @@ impl Conn {
         if let Some(ready) = ready {
             self.shared.stats.pending_removed(1);
             self.trace_outcomes(std::slice::from_ref(&ready));
-            Outcomes::new(&self.shared, vec![ready]).deliver();
+            self.shared.deliver_all(std::iter::once(ready));
         }
         Ok(())
     }
@@ -590,27 +593,6 @@ impl Conn {
 
     fn in_batch(&self) -> bool {
         self.batches.load(Ordering::SeqCst) > 0
-    }
-
-    /// Worker: a run of this connection's requests ended (see
-    /// [`begin_batch`](Self::begin_batch)); asks the IO thread to write
-    /// what it produced, with one flush request for the run.
-    ///
-    /// As in [`end_batch`](Self::end_batch), a reply queued under the lock
-    /// either comes before the look here (and is flushed by it) or sees
-    /// the count lowered and asks for its own flush.
-    pub(crate) fn end_worker_batch(self: &Arc<Self>) {
-        self.batches.fetch_sub(1, Ordering::SeqCst);
-        let flush = {
-            let state = self.state.lock();
-            // Dropped responders count as answers: a draining connection or
-            // one waiting for answers to read again must hear of them.
-            (!state.out.is_empty() || state.draining || state.awaiting_answers)
-                && !matches!(state.status, Status::Closed(_))
-        };
-        if flush {
-            self.schedule_flush();
-        }
     }
 
     /// IO thread: the decode batch ended; moves the replies it produced into

@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::completion::WaitObject;
+use crate::completion::CallWait;
 use crate::completion::{clamp_wait, CancelHandle, Completion, PacketHandler, ResponseFuture};
 use crate::error::{Error, SendError};
 use crate::packet::{ChannelId, Packet};
@@ -287,14 +287,10 @@ impl ConnectionHandle {
     /// output at its limit), [`Error::FrameTooLarge`], or an error reply
     /// ([`Error::Remote`]).
     pub fn call(&self, request: Packet, timeout: Option<Duration>) -> Result<Packet, Error> {
-        let mut wait = WaitObject::new();
-        let completion = wait.completion();
+        let (wait, completion) = CallWait::new();
         self.submit(request, timeout, completion)
             .map_err(|e| e.into_parts().0)?;
-        match wait.wait_any() {
-            Some((_, result)) => result,
-            None => Err(Error::Shutdown),
-        }
+        wait.wait()
     }
 
     /// Sends `request` over this connection; `handler` runs once with the

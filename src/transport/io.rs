@@ -1101,14 +1101,18 @@ impl RequestBatch<'_> {
         match service.dispatch {
             Dispatch::IoThread => {
                 c.state.dispatched(n);
-                handle_inline_batch(service.handler.as_ref(), std::mem::take(self.gathered));
+                let spare = self.shared.workers.spare_vec();
+                handle_inline_batch(
+                    service.handler.as_ref(),
+                    std::mem::replace(self.gathered, spare),
+                );
             }
             Dispatch::Workers => {
                 let handler = service.handler.clone();
                 let job = if service.batches {
                     Job::Batch {
                         handler,
-                        requests: std::mem::take(self.gathered),
+                        requests: std::mem::replace(self.gathered, self.shared.workers.spare_vec()),
                     }
                 } else if n == 1 {
                     let (request, reply) = self.gathered.pop().expect("one request");

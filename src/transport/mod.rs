@@ -164,7 +164,7 @@ impl Shared {
         let config = builder.config;
         let shared = Shared {
             timer: TimerTable::new(config.timer_tick),
-            workers: WorkQueues::new(config.worker_queue, config.callback_queue),
+            workers: WorkQueues::new(config.worker_queue, config.callback_queue, config.workers),
             config,
             codec: builder.streamer,
             default_events: builder.events,

@@ -18,7 +18,6 @@ use crate::packet::Packet;
 use crate::proto::Ready;
 use crate::sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, SegQueue};
 
-use super::conn::Conn;
 use super::handler::{ReplyTo, RequestHandler};
 use super::{Command, Shared};
 
@@ -166,9 +165,12 @@ pub(crate) struct WorkQueues {
 }
 
 impl WorkQueues {
-    pub(crate) fn new(capacity: usize, callback_limit: usize) -> Self {
+    pub(crate) fn new(capacity: usize, callback_limit: usize, workers: usize) -> Self {
         WorkQueues {
-            requests: ArrayQueue::new(capacity.max(1)),
+            // Room for `capacity` requests plus the shared passes (at most
+            // one per worker running a pass), so a `Job::Share` never takes
+            // a place the IO thread's requests are counted for.
+            requests: ArrayQueue::new(capacity.max(1) + workers),
             spare: ArrayQueue::new(SPARE_VECS),
             spare_passes: ArrayQueue::new(SPARE_VECS),
             workers: AtomicUsize::new(0),
@@ -505,7 +507,11 @@ fn run_one_request(shared: &Shared) -> bool {
             None => false,
         };
     };
-    queues.took_requests(shared, job.len());
+    // (A shared pass's requests were counted taken by the worker that
+    // shared it.)
+    if job.len() > 0 {
+        queues.took_requests(shared, job.len());
+    }
     if queues.is_stopping() {
         // Shutting down: the request is dropped unanswered.
         return true;
@@ -548,15 +554,9 @@ fn run_requests(
         run_pass(queues, pass);
         return;
     }
-    let Some(conn) = requests.first().map(|(_, reply)| reply.conn().clone()) else {
-        return;
-    };
-    let mut run = RepliesHeld::begin(conn);
     for (request, reply) in requests.drain(..) {
-        run.flush_if_due();
         run_request(handler.as_ref(), request, reply);
     }
-    drop(run);
     let _ = queues.spare.push(requests);
 }
 
@@ -564,7 +564,6 @@ fn run_requests(
 fn run_pass(queues: &WorkQueues, pass: Arc<Pass>) {
     // Taken once per worker and pass, not per request.
     let mut handler: Option<Arc<dyn RequestHandler>> = None;
-    let mut run: Option<RepliesHeld> = None;
     loop {
         let (request, reply) = {
             let mut state = pass.state.lock();
@@ -576,15 +575,10 @@ fn run_pass(queues: &WorkQueues, pass: Arc<Pass>) {
             }
             next
         };
-        match &mut run {
-            Some(run) => run.flush_if_due(),
-            None => run = Some(RepliesHeld::begin(reply.conn().clone())),
-        }
         if let Some(handler) = &handler {
             run_request(handler.as_ref(), request, reply);
         }
     }
-    drop(run);
     queues.recycle(pass);
 }
 
@@ -598,7 +592,6 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
         queues.notify();
     }
     queues.enter_busy();
-    let mut run: Option<RepliesHeld> = None;
     for _ in 0..STRAND_TURN {
         let taken = {
             let mut state = strand.state.lock();
@@ -623,16 +616,6 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
             // Shutting down: dropped unanswered, as queued requests are.
             continue;
         }
-        match &mut run {
-            Some(run) => run.flush_if_due(),
-            None => {
-                let conn = match &taken {
-                    Taken::One(_, reply) => reply.conn(),
-                    Taken::Batch(requests) => requests[0].1.conn(),
-                };
-                run = Some(RepliesHeld::begin(conn.clone()));
-            }
-        }
         match taken {
             Taken::One(request, reply) => run_request(strand.handler.as_ref(), request, reply),
             Taken::Batch(requests) => run_batch(strand.handler.as_ref(), requests),
@@ -642,47 +625,6 @@ fn run_strand(shared: &Shared, strand: Arc<Strand>) {
     queues.notify();
     queues.leave_busy();
 }
-
-/// A worker's run of one connection's requests: replies made during it go
-/// back to the IO thread with one flush request when it ends (dropped), or
-/// every [`FLUSH_EVERY`] for slow handlers, rather than one per reply.
-struct RepliesHeld {
-    conn: Arc<Conn>,
-    since: Instant,
-}
-
-impl RepliesHeld {
-    fn begin(conn: Arc<Conn>) -> Self {
-        conn.begin_batch();
-        RepliesHeld {
-            conn,
-            since: Instant::now(),
-        }
-    }
-
-    /// Lets the replies held so far go if the run has lasted a while.
-    fn flush_if_due(&mut self) {
-        // loom models must be deterministic: no clock there.
-        if cfg!(loom) {
-            return;
-        }
-        let now = Instant::now();
-        if now.duration_since(self.since) >= FLUSH_EVERY {
-            self.conn.end_worker_batch();
-            self.conn.begin_batch();
-            self.since = now;
-        }
-    }
-}
-
-impl Drop for RepliesHeld {
-    fn drop(&mut self) {
-        self.conn.end_worker_batch();
-    }
-}
-
-/// The longest a worker holds a run's replies back.
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Emptied request vectors kept for reuse.
 const SPARE_VECS: usize = 64;
