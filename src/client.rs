@@ -307,11 +307,6 @@ impl fmt::Debug for ConnectionManager {
     }
 }
 
-/// A submission refused before reaching a connection: the packet back.
-fn refused(error: Error, packet: Packet) -> SendError<Packet> {
-    SendError::new(error, packet)
-}
-
 impl ConnectionManager {
     /// A manager on `transport` with a queue limit of
     /// [`DEFAULT_QUEUE_LIMIT`] (256) requests per connection and a default
@@ -688,11 +683,11 @@ impl ConnectionManager {
         handler: H,
     ) -> Result<(), SendError<Packet>> {
         if self.transport.shared().workers.callbacks_full() {
-            return Err(refused(Error::QueueFull, request));
+            return Err(SendError::new(Error::QueueFull, request));
         }
         let server = match server.to_endpoint() {
             Ok(server) => server,
-            Err(error) => return Err(refused(error, request)),
+            Err(error) => return Err(SendError::new(error, request)),
         };
         self.submit(server, request, timeout, Completion::callback(handler))
             .map(drop)
@@ -711,7 +706,7 @@ impl ConnectionManager {
     ) -> Result<ResponseFuture, SendError<Packet>> {
         let server = match server.to_endpoint() {
             Ok(server) => server,
-            Err(error) => return Err(refused(error, request)),
+            Err(error) => return Err(SendError::new(error, request)),
         };
         let (mut future, completion) = ResponseFuture::new();
         let (conn, id) = self.submit(server, request, timeout, completion)?;
@@ -739,7 +734,7 @@ impl ConnectionManager {
             Ok(server) => server,
             Err(error) => {
                 completion.disarm();
-                return Err(refused(error, request));
+                return Err(SendError::new(error, request));
             }
         };
         let (conn, id) = self.submit(server, request, timeout, completion)?;
@@ -765,7 +760,7 @@ impl ConnectionManager {
     pub fn post(&self, server: impl ToEndpoint, message: Packet) -> Result<(), SendError<Packet>> {
         let server = match server.to_endpoint() {
             Ok(server) => server,
-            Err(error) => return Err(refused(error, message)),
+            Err(error) => return Err(SendError::new(error, message)),
         };
         self.submit(server, message, None, Completion::discard())
             .map(drop)
