@@ -192,13 +192,14 @@ fn a_connection_at_its_in_flight_limit_stops_being_read_until_answers_go_out() {
 fn a_peer_that_sends_no_whole_first_frame_in_time_is_closed() {
     let transport = Transport::builder()
         .workers(1)
-        .first_frame_timeout(Some(Duration::from_millis(400)))
+        .first_frame_timeout(Some(Duration::from_secs(2)))
         .start()
         .unwrap();
     let addr = transport.listen(loopback(), echo).unwrap();
     let mut silent = raw_client(addr);
     let mut half = raw_client(addr);
     send_bytes(&mut half, &frame(1, 5, b"never finished")[..20]);
+    let opened = std::time::Instant::now();
     let mut prompt = raw_client(addr);
     echo_once(&mut prompt, 1, b"on time");
     assert!(closed_by_peer(&mut silent));
@@ -206,9 +207,8 @@ fn a_peer_that_sends_no_whole_first_frame_in_time_is_closed() {
     assert_eq!(transport.stats().first_frame_timeouts, 2);
     // Once its first frame came, a connection lives by the idle timeout:
     // it is served on well past the first-frame deadline.
-    let since = std::time::Instant::now();
     let mut chid = 2;
-    while since.elapsed() < Duration::from_millis(600) {
+    while opened.elapsed() < Duration::from_secs(3) {
         echo_once(&mut prompt, chid, b"still open");
         chid += 1;
     }

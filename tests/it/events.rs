@@ -13,7 +13,7 @@ use tbnet::{
 
 use crate::support::{
     closed_by_peer, echo, frame, loopback, raw_client, read_frame, send_bytes, stop, wait_until,
-    within, NEVER, SHORT_TIMEOUT, WAIT_LIMIT,
+    within, NEVER, WAIT_LIMIT,
 };
 
 /// Every event a hook heard, with the connection's id.
@@ -261,7 +261,8 @@ fn handle_close_ends_pending_requests_both_ways() {
         Err(Error::Disconnected)
     ));
     // The responder's reply is dropped and counted.
-    assert!(responder.reply(Packet::new(1, "too late")).is_err());
+    let dropped = responder.reply(Packet::new(1, "too late")).unwrap_err();
+    assert!(matches!(dropped.error(), Error::Disconnected));
     stop(&client_transport);
     stop(&transport);
 }
@@ -344,7 +345,8 @@ fn server_packets_without_a_default_handler_are_counted() {
         let record = record.clone();
         conn.send(
             Packet::new(6, "anyone?"),
-            Some(SHORT_TIMEOUT),
+            // Long enough that it is written even under load.
+            Some(Duration::from_secs(2)),
             move |r: Result<Packet, Error>| {
                 record.lock().unwrap().push(r.map(|p| p.into_body()));
             },

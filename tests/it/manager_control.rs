@@ -119,7 +119,10 @@ fn stay_down_keeps_a_lost_connection_down_until_connect() {
     ));
     let refused = client.post(addr, Packet::new(1, "y")).unwrap_err();
     assert!(matches!(refused.error(), Error::Disconnected));
-    assert!(client.call_async(addr, Packet::new(1, "z"), None).is_err());
+    let Err(refused) = client.call_async(addr, Packet::new(1, "z"), None) else {
+        panic!("call_async was accepted while down");
+    };
+    assert!(matches!(refused.error(), Error::Disconnected));
     assert_eq!(client_transport.stats().connect_attempts, 1);
     assert!(!client.is_alive(addr));
 

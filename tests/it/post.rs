@@ -3,6 +3,7 @@
 //! packet it gets.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use tbnet::{ConnectionManager, Error, Packet};
 
@@ -83,7 +84,9 @@ fn an_unanswered_post_holds_its_slot_until_the_default_timeout() {
     let client_transport = transport();
     let client = ConnectionManager::new(&client_transport)
         .with_queue_limit(2)
-        .with_default_timeout(SHORT_TIMEOUT);
+        // Long enough that every post reaches the server under load.
+        .with_default_timeout(Duration::from_secs(2));
+    client.connect(server.addr).expect("connect");
     client.post(server.addr, Packet::new(1, "a")).expect("post");
     client.post(server.addr, Packet::new(1, "b")).expect("post");
     let refused = client

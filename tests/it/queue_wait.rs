@@ -131,12 +131,14 @@ fn a_timeout_or_a_raised_limit_makes_room_for_a_waiting_submission() {
             .with_queue_wait(NEVER),
     );
     client.set_queue_limit(server.addr, 1).unwrap();
-    // The held request times out: its slot goes to the waiting one.
+    client.connect(server.addr).expect("connect");
+    // The held request times out: its slot goes to the waiting one. Its
+    // timeout is long enough that it reaches the server under load.
     client
         .send(
             server.addr,
             Packet::new(1, "expires"),
-            Some(SHORT_TIMEOUT),
+            Some(Duration::from_secs(2)),
             |_| {},
         )
         .unwrap();
@@ -250,7 +252,7 @@ fn default_timeouts_are_per_server_and_change_at_run_time() {
         0,
         "the earlier request keeps its own"
     );
-    b.wait_received(2);
+    // "b2" may time out before it is written: it need not reach b.
     drop(b.take());
     stop(&client_transport);
     stop(&a.transport);

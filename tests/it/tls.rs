@@ -381,6 +381,8 @@ fn timeouts_and_reconnects_behave_over_tls_as_on_tcp() {
 
     // A request nobody answers times out; the others wait on.
     let (silent, addr, held) = silent_tls_server(reserved.addr(), tls.clone());
+    // Open (and handshake) first: the short timeout covers only the request.
+    client.connect(addr).expect("connect");
     let result = client.call(addr, Packet::new(1, "anyone?"), Some(SHORT_TIMEOUT));
     assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
 
