@@ -95,10 +95,7 @@ impl Router {
             let pcode = request.pcode();
             match M::decode(request.into_body()) {
                 Ok(message) => handler(message, responder),
-                Err(e) => {
-                    tracing::debug!(peer = %responder.peer(), %pcode, reason = %e, "request body did not decode");
-                    let _ = responder.reply_error(ERROR_BAD_REQUEST, &format!("bad request body: {e}"));
-                }
+                Err(e) => refuse_bad_body(responder, pcode, &e),
             }
         })
     }
@@ -129,4 +126,15 @@ impl ServerAdaptor for Router {
             }
         }
     }
+}
+
+/// Answers a request whose body did not decode: an error reply with code
+/// [`ERROR_BAD_REQUEST`](crate::ERROR_BAD_REQUEST); the handler never sees it.
+pub(crate) fn refuse_bad_body(
+    responder: Responder,
+    pcode: crate::PacketCode,
+    reason: &dyn std::fmt::Display,
+) {
+    tracing::debug!(peer = %responder.peer(), %pcode, %reason, "request body did not decode");
+    let _ = responder.reply_error(ERROR_BAD_REQUEST, &format!("bad request body: {reason}"));
 }

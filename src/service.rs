@@ -20,13 +20,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
-
 use crate::client::ConnectionManager;
 use crate::codec::Codec;
 use crate::completion::ResponseFuture;
 use crate::error::Error;
-use crate::message::ERROR_BAD_REQUEST;
 use crate::packet::{Packet, PacketCode};
 use crate::router::Router;
 use crate::server::Responder;
@@ -91,23 +88,17 @@ where
         let decoded = <C as Codec<Req>>::decode(request.into_body());
         let result = match decoded {
             Ok(request) => handler(request),
-            Err(e) => {
-                tracing::debug!(peer = %responder.peer(), %pcode, reason = %e, "request body did not decode");
-                let _ = responder.reply_error(ERROR_BAD_REQUEST, &format!("bad request body: {e}"));
-                return;
-            }
+            Err(e) => return crate::router::refuse_bad_body(responder, pcode, &e),
         };
         let _ = match result {
-            Ok(response) => {
-                let mut body = BytesMut::new();
-                match <C as Codec<Resp>>::encode(&response, &mut body) {
-                    Ok(()) => responder.reply(Packet::new(pcode, body.freeze())),
-                    Err(e) => {
-                        tracing::warn!(%pcode, reason = %e, "response did not encode");
-                        responder.reply_error(ERROR_BAD_RESPONSE, &format!("response did not encode: {e}"))
-                    }
+            Ok(response) => match <C as Codec<Resp>>::to_packet(pcode, &response) {
+                Ok(packet) => responder.reply(packet),
+                Err(e) => {
+                    tracing::warn!(%pcode, reason = %e, "response did not encode");
+                    responder
+                        .reply_error(ERROR_BAD_RESPONSE, &format!("response did not encode: {e}"))
                 }
-            }
+            },
             Err(refusal) => responder.reply_error(refusal.code, &refusal.message),
         };
     })
