@@ -44,8 +44,12 @@ impl Stream {
             Security::Plain => Ok(Stream::Tcp(socket)),
             #[cfg(feature = "tls")]
             Security::Client(tls) => tls.session(socket, peer).map(|s| Stream::Tls(Box::new(s))),
+            // Never plaintext in place of TLS, whatever the mix-up.
             #[cfg(feature = "tls")]
-            Security::Server(_) => Ok(Stream::Tcp(socket)),
+            Security::Server(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a server TLS configuration cannot open a client connection",
+            )),
         }
     }
 
@@ -60,7 +64,13 @@ impl Stream {
         match security {
             #[cfg(feature = "tls")]
             Security::Server(tls) => tls.session(socket, peer).map(|s| Stream::Tls(Box::new(s))),
-            _ => Ok(Stream::Tcp(socket)),
+            Security::Plain => Ok(Stream::Tcp(socket)),
+            // Never plaintext in place of TLS, whatever the mix-up.
+            #[cfg(feature = "tls")]
+            Security::Client(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a client TLS configuration cannot accept a connection",
+            )),
         }
     }
 
