@@ -7,7 +7,7 @@
 //! code, its response under the same code, the body in the service's
 //! [`Codec`]. The error-reply convention is kept: an unknown code is
 //! answered with [`ERROR_UNKNOWN_PCODE`](crate::ERROR_UNKNOWN_PCODE), a body
-//! that does not decode with [`ERROR_BAD_REQUEST`],
+//! that does not decode with [`ERROR_BAD_REQUEST`](crate::ERROR_BAD_REQUEST),
 //! a response that does not encode with [`ERROR_BAD_RESPONSE`], and a
 //! handler's [`ErrorReply`] with its own code; the client sees each as
 //! [`Error::Remote`].
