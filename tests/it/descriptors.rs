@@ -100,6 +100,7 @@ fn child_with_few_descriptors() {
     let server = Transport::builder()
         .workers(1)
         .dispatch(Dispatch::IoThread)
+        .first_frame_timeout(None)
         .start()
         .unwrap();
     let addr: SocketAddr = server.listen(loopback(), echo).unwrap();
@@ -121,9 +122,17 @@ fn child_with_few_descriptors() {
             "the descriptor limit is not in force"
         );
     }
-    // Until the server has a connection it cannot accept: free a spare, and
-    // connect with it (the server then has none left to accept with).
-    while server.stats().accept_errors == 0 {
+    // Until a connection waits in the backlog that the server cannot
+    // accept: free a spare, and connect with it (the server then has none
+    // left to accept with). The server's accept retry may take a freed
+    // descriptor before the client does; then the next spare goes. Nothing
+    // else frees a descriptor meanwhile (no first-frame deadline), so a
+    // waiting connection stays waiting once seen.
+    loop {
+        let stats = server.stats();
+        if stats.accept_errors > 0 && stats.connections < clients.len() as u64 + 1 {
+            break;
+        }
         let spare = spares.pop().expect("the server ran out of descriptors");
         drop(spare);
         if let Ok(stream) = TcpStream::connect(addr) {
@@ -156,8 +165,9 @@ fn child_with_few_descriptors() {
     );
     assert!(server.stats().accept_errors >= 1);
 
-    // Descriptors free up: the connection left waiting is accepted and
-    // served, and so are new ones.
+    // Descriptors free up: the connection left waiting (the newest: the
+    // backlog is first in, first out) is accepted and served, and so are
+    // new ones.
     let mut waiting = clients.pop().expect("a client");
     let accepted_before = server.stats().connections_total;
     clients.truncate(clients.len() / 2);
