@@ -572,7 +572,7 @@ fn run_pinned(row: Row, size: usize, conns: usize, depth: usize, secs: f64, pin:
             let run = Arc::new(load::Run {
                 managers,
                 addr,
-                bodies: load::Bodies::new(size),
+                bodies: load::Bodies::fixed(size),
                 deadline: start + Duration::from_secs_f64(secs),
                 progress: load::Progress::default(),
                 seq: AtomicU64::new(1),

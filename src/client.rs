@@ -1,7 +1,6 @@
 //! The client side: connections reused per server, and the four ways to
 //! send.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use crate::completion::{
 };
 use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
+use crate::hash::FastMap;
 use crate::message::{Message, MessageFuture};
 use crate::packet::{ChannelId, Packet};
 use crate::proto::{Codec, PacketStreamer, Side};
@@ -260,7 +260,7 @@ impl TryFrom<SocketAddr> for ServerId {
 /// ```
 pub struct ConnectionManager {
     transport: Transport,
-    conns: Mutex<HashMap<SocketAddr, ServerSlot>>,
+    conns: Mutex<FastMap<SocketAddr, ServerSlot>>,
     queue_limit: usize,
     default_timeout: Duration,
     queue_wait: Duration,
@@ -314,7 +314,7 @@ impl ConnectionManager {
     pub fn new(transport: &Transport) -> Self {
         ConnectionManager {
             transport: transport.clone(),
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(FastMap::default()),
             queue_limit: DEFAULT_QUEUE_LIMIT,
             default_timeout: DEFAULT_TIMEOUT,
             queue_wait: Duration::ZERO,
@@ -908,7 +908,7 @@ impl ConnectionManager {
     /// `server`'s slot, made with the manager's defaults if it has none.
     fn slot<'m>(
         &self,
-        conns: &'m mut HashMap<SocketAddr, ServerSlot>,
+        conns: &'m mut FastMap<SocketAddr, ServerSlot>,
         server: SocketAddr,
     ) -> &'m mut ServerSlot {
         conns.entry(server).or_insert_with(|| ServerSlot {

@@ -532,6 +532,7 @@ pub mod codec;
 mod completion;
 mod endpoint;
 mod error;
+mod hash;
 mod message;
 pub mod metrics;
 mod packet;

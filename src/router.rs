@@ -1,6 +1,6 @@
 //! A server adaptor that dispatches requests by packet code.
 
-use std::collections::HashMap;
+use crate::hash::FastMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -53,7 +53,7 @@ pub enum Unrouted {
 /// ```
 #[derive(Default)]
 pub struct Router {
-    routes: HashMap<PacketCode, Arc<dyn ServerAdaptor>>,
+    routes: FastMap<PacketCode, Arc<dyn ServerAdaptor>>,
     unrouted: Unrouted,
 }
 
