@@ -16,9 +16,10 @@
 //! atomics rather than the loom-swappable ones in `sync`: loom would model
 //! thousands of them for nothing.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::packet::PacketCode;
@@ -161,12 +162,14 @@ impl Row {
         }
     }
 
-    fn record(&self, latency: Duration, error: Option<ErrorKind>) {
+    /// Counts `count` requests that each took `latency`.
+    fn record(&self, latency: Duration, error: Option<ErrorKind>, count: u64) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.buckets[bucket_of(micros)].fetch_add(count, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(micros.saturating_mul(count), Ordering::Relaxed);
         if let Some(kind) = error {
-            self.errors[kind.index()].fetch_add(1, Ordering::Relaxed);
+            self.errors[kind.index()].fetch_add(count, Ordering::Relaxed);
         }
     }
 
@@ -230,7 +233,56 @@ impl CodeTable {
 
     /// Counts one request of `pcode` that took `latency`.
     pub(crate) fn record(&self, pcode: PacketCode, latency: Duration, error: Option<ErrorKind>) {
-        self.row(pcode).record(latency, error);
+        self.row(pcode).record(latency, error, 1);
+    }
+
+    /// Counts one request of `pcode` that arrived at `received` and ends
+    /// now; deferred if this thread defers for this table (see
+    /// [`defer_here`](Self::defer_here)).
+    pub(crate) fn record_since(
+        &self,
+        pcode: PacketCode,
+        received: Instant,
+        error: Option<ErrorKind>,
+    ) {
+        let deferred = DEFERRED
+            .try_with(|deferred| deferred.borrow_mut().add(self.id(), pcode, received, error))
+            .unwrap_or(false);
+        if !deferred {
+            self.record(pcode, received.elapsed(), error);
+        }
+    }
+
+    /// From now on, requests of this table that end on this thread are
+    /// counted when the thread calls [`flush_deferred`](Self::flush_deferred),
+    /// with one clock read for all of them, rather than one read and a few
+    /// atomic adds each. For the IO thread, which flushes before every
+    /// write: a reply is counted before it can reach its peer, and its
+    /// latency runs from its decode pass to the write that sends it.
+    pub(crate) fn defer_here(&self) {
+        DEFERRED.with(|deferred| deferred.borrow_mut().table = self.id());
+    }
+
+    /// Counts what this thread deferred for this table.
+    pub(crate) fn flush_deferred(&self) {
+        let _ = DEFERRED.try_with(|deferred| {
+            let mut deferred = deferred.borrow_mut();
+            if deferred.table != self.id() || deferred.runs.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            for run in deferred.runs.drain(..) {
+                let latency = now.saturating_duration_since(run.received);
+                self.row(run.pcode).record(latency, run.error, run.count);
+            }
+        });
+    }
+
+    /// This table's identity, for [`Deferred::table`]: its address (never
+    /// dereferenced). Tables live in an `Arc`'d transport, so the address
+    /// is stable while the table is in use.
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     fn snapshot(&self, side: Side, out: &mut Vec<CodeMetrics>) {
@@ -246,6 +298,65 @@ impl CodeTable {
             out.push(overflow);
         }
     }
+}
+
+/// Requests that ended on one thread and are not counted yet, in runs of
+/// equal packet code, arrival and outcome: one decode pass's requests
+/// usually make one run.
+struct Deferred {
+    /// The table this thread defers for (its [`CodeTable::id`]; 0: none).
+    table: usize,
+    runs: Vec<DeferredRun>,
+}
+
+struct DeferredRun {
+    pcode: PacketCode,
+    received: Instant,
+    error: Option<ErrorKind>,
+    count: u64,
+}
+
+/// Runs a thread holds at most; past this, requests are counted at once.
+const MAX_DEFERRED_RUNS: usize = 256;
+
+impl Deferred {
+    /// Defers one request if this thread defers for `table`.
+    fn add(
+        &mut self,
+        table: usize,
+        pcode: PacketCode,
+        received: Instant,
+        error: Option<ErrorKind>,
+    ) -> bool {
+        if self.table != table {
+            return false;
+        }
+        if let Some(last) = self.runs.last_mut() {
+            if last.pcode == pcode && last.received == received && last.error == error {
+                last.count += 1;
+                return true;
+            }
+        }
+        if self.runs.len() == MAX_DEFERRED_RUNS {
+            return false;
+        }
+        self.runs.push(DeferredRun {
+            pcode,
+            received,
+            error,
+            count: 1,
+        });
+        true
+    }
+}
+
+thread_local! {
+    static DEFERRED: RefCell<Deferred> = const {
+        RefCell::new(Deferred {
+            table: 0,
+            runs: Vec::new(),
+        })
+    };
 }
 
 /// Both sides' tables, one per transport.
@@ -267,6 +378,8 @@ impl Metrics {
     /// Every row that has seen a request: server rows, then client rows,
     /// each ordered by packet code.
     pub(crate) fn snapshot(&self) -> Vec<CodeMetrics> {
+        // On the IO thread (the status page), what it deferred counts too.
+        self.server.flush_deferred();
         let mut out = Vec::new();
         self.server.snapshot(Side::Server, &mut out);
         self.client.snapshot(Side::Client, &mut out);
@@ -420,6 +533,57 @@ mod tests {
         assert_eq!(bucket_of((1 << 27) - 1), FINITE_BUCKETS - 1);
         assert_eq!(bucket_of(1 << 27), FINITE_BUCKETS);
         assert_eq!(bucket_of(u64::MAX), FINITE_BUCKETS);
+    }
+
+    fn requests_of(table: &CodeTable, pcode: i32) -> u64 {
+        let mut rows = Vec::new();
+        table.snapshot(Side::Server, &mut rows);
+        (rows.iter())
+            .filter(|row| row.pcode == Some(PacketCode(pcode)))
+            .map(|row| row.requests)
+            .sum()
+    }
+
+    #[test]
+    fn a_deferring_thread_counts_its_table_on_flush_and_others_at_once() {
+        let table = CodeTable::new();
+        let other = CodeTable::new();
+        std::thread::spawn(move || {
+            table.defer_here();
+            let received = Instant::now();
+            for _ in 0..10 {
+                table.record_since(PacketCode(1), received, None);
+            }
+            table.record_since(PacketCode(2), received, Some(ErrorKind::Unanswered));
+            other.record_since(PacketCode(1), received, None);
+            // Deferred: not counted yet. The other table counts at once.
+            assert_eq!(requests_of(&table, 1), 0);
+            assert_eq!(requests_of(&other, 1), 1);
+            table.flush_deferred();
+            assert_eq!(requests_of(&table, 1), 10);
+            assert_eq!(requests_of(&table, 2), 1);
+            let mut rows = Vec::new();
+            table.snapshot(Side::Server, &mut rows);
+            let errors: u64 = rows.iter().map(CodeMetrics::errors).sum();
+            assert_eq!(errors, 1);
+            // A thread holds so many runs; a request that starts a new
+            // one past that counts at once.
+            for i in 0..MAX_DEFERRED_RUNS as i32 {
+                table.record_since(PacketCode(100 + i % 2), received, None);
+            }
+            for _ in 0..5 {
+                table.record_since(PacketCode(102), received, None);
+            }
+            assert_eq!(requests_of(&table, 100) + requests_of(&table, 101), 0);
+            assert_eq!(requests_of(&table, 102), 5);
+            table.flush_deferred();
+            assert_eq!(
+                requests_of(&table, 100) + requests_of(&table, 101),
+                MAX_DEFERRED_RUNS as u64
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -63,12 +63,12 @@ impl Tally {
         result: Result<Packet, Error>,
         sent: &Bytes,
         bodies: &Bodies,
-        started: Instant,
+        (started, ended): (Instant, Instant),
         progress: &Progress,
     ) {
         match result {
             Ok(response) if bodies.echoed(sent, response.body()) => {
-                let us = started.elapsed().as_micros().max(1) as u64;
+                let us = ended.saturating_duration_since(started).as_micros().max(1) as u64;
                 self.latency_us.saturating_record(us);
                 self.ok += 1;
             }
@@ -224,7 +224,13 @@ pub fn drive_call(run: &Arc<Run>, depth: usize) -> Tally {
                     }
                     let body = run.next_body();
                     let result = manager.call(run.addr, Packet::new(0, body.clone()), None);
-                    tally.record(result, &body, &run.bodies, started, &run.progress);
+                    tally.record(
+                        result,
+                        &body,
+                        &run.bodies,
+                        (started, Instant::now()),
+                        &run.progress,
+                    );
                 }
                 tally
             })
@@ -242,8 +248,9 @@ struct Chain {
 }
 
 impl Chain {
-    fn next(self: Arc<Self>) {
-        let started = Instant::now();
+    /// Sends the next request, `started` now (the clock read that ended the
+    /// previous one, so a request costs the chain one read).
+    fn next(self: Arc<Self>, started: Instant) {
         if started >= self.run.deadline {
             let (live, cond) = &*self.finished;
             *live.lock().expect("chain counter lock") -= 1;
@@ -256,25 +263,26 @@ impl Chain {
         let submitted =
             self.manager
                 .send(self.run.addr, Packet::new(0, body), None, move |result| {
+                    let ended = Instant::now();
                     chain.tally.lock().expect("tally lock").record(
                         result,
                         &sent,
                         &chain.run.bodies,
-                        started,
+                        (started, ended),
                         &chain.run.progress,
                     );
-                    chain.next();
+                    chain.next(ended);
                 });
         if let Err(e) = submitted {
             self.tally.lock().expect("tally lock").record(
                 Err(e.error().clone()),
                 &Bytes::new(),
                 &self.run.bodies,
-                started,
+                (started, started),
                 &self.run.progress,
             );
             thread::sleep(Duration::from_millis(1));
-            self.next();
+            self.next(Instant::now());
         }
     }
 }
@@ -294,7 +302,7 @@ pub fn drive_callback(run: &Arc<Run>, depth: usize) -> Tally {
         .collect();
     *finished.0.lock().expect("chain counter lock") = chains.len();
     for chain in &chains {
-        chain.clone().next();
+        chain.clone().next(Instant::now());
     }
     let (live, cond) = &*finished;
     let mut live = live.lock().expect("chain counter lock");
@@ -340,7 +348,7 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                                 Err(e.error().clone()),
                                 &body,
                                 &run.bodies,
-                                started,
+                                (started, started),
                                 &run.progress,
                             ),
                         }
@@ -355,7 +363,13 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                             let Poll::Ready(result) = Pin::new(future).poll(&mut cx) else {
                                 break;
                             };
-                            tally.record(result, body, &run.bodies, *started, &run.progress);
+                            tally.record(
+                                result,
+                                body,
+                                &run.bodies,
+                                (*started, Instant::now()),
+                                &run.progress,
+                            );
                             *slot = start(&mut tally);
                         }
                     }

@@ -129,9 +129,8 @@ impl ReplyTo {
     }
 
     fn record(&self, error: Option<ErrorKind>) {
-        let shared = &self.conn.shared;
-        let latency = self.received.elapsed();
-        shared.metrics.server.record(self.pcode, latency, error);
+        let server = &self.conn.shared.metrics.server;
+        server.record_since(self.pcode, self.received, error);
     }
 
     pub(crate) fn conn(&self) -> &Arc<Conn> {

@@ -125,6 +125,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         gathered: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
+    // Requests answered on this thread are counted before each write (see
+    // `CodeTable::defer_here`).
+    shared.metrics.server.defer_here();
     loop {
         if io.run_commands() {
             break;
@@ -167,8 +170,10 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
             }
         }
         shared.stats.set_memory(io.budget.used());
+        shared.metrics.server.flush_deferred();
     }
     io.shut_down();
+    shared.metrics.server.flush_deferred();
     shared.lifecycle.io_exited();
     shared.fail_commands();
 }
@@ -822,6 +827,9 @@ impl IoLoop {
     /// a server stops reading from the peer, so a peer that sends requests
     /// but never reads replies cannot grow our memory.
     fn write(&mut self, token: usize) {
+        // Replies about to go out are counted first: a peer never sees a
+        // reply its request is not counted for.
+        self.shared.metrics.server.flush_deferred();
         let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
             return;
         };
