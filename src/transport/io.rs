@@ -105,6 +105,11 @@ struct IoLoop {
     /// A reused buffer for a decode pass's requests bound for an ordered
     /// connection's strand.
     gathered: Vec<(Packet, ReplyTo)>,
+    /// Jobs were queued this round and no worker was woken for them yet.
+    wake_workers: bool,
+    /// Whether this thread has a core to spare for a worker (see
+    /// `wake_workers_for`).
+    spare_core: bool,
 }
 
 /// The `tbnet-io` thread's body.
@@ -123,6 +128,8 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         budget: Budget::new(shared.config.memory_budget()),
         refusals: RefusalLog::default(),
         gathered: Vec::new(),
+        wake_workers: false,
+        spare_core: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
     };
     let mut events = Events::with_capacity(1024);
     // Requests answered on this thread are counted before each write (see
@@ -131,6 +138,11 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
     loop {
         if io.run_commands() {
             break;
+        }
+        // Jobs queued last round (or by commands) wake a worker before this
+        // thread may sleep.
+        if std::mem::take(&mut io.wake_workers) {
+            shared.workers.notify();
         }
         let timeout = if !io.again.is_empty() {
             Some(Duration::ZERO)
@@ -152,8 +164,19 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
             tracing::error!(error = %e, "poll failed; shutting the transport's IO down");
             break;
         }
+        // With a core to spare, the first jobs of a round wake a worker at
+        // once, to run beside this thread while it reads on; the rest wait
+        // for the round's end (a woken worker passes the wake on while jobs
+        // are queued). On one core, every wake waits for the round's end:
+        // an early one would only switch this thread out.
+        let mut woke = false;
         for event in events.iter() {
             io.handle_event(event);
+            if io.spare_core && io.wake_workers && !woke {
+                io.wake_workers = false;
+                woke = true;
+                shared.workers.notify();
+            }
         }
         for token in std::mem::take(&mut io.again) {
             io.read(token);
@@ -732,6 +755,7 @@ impl IoLoop {
             completed,
             refusals,
             gathered,
+            wake_workers,
             ..
         } = self;
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
@@ -766,6 +790,7 @@ impl IoLoop {
                     shared,
                     paused,
                     gathered,
+                    wake_workers,
                     token,
                     inline,
                     decoded: 0,
@@ -1057,6 +1082,8 @@ struct RequestBatch<'a> {
     /// Requests held back for the end of the pass: those of services that
     /// take batches, and those of ordered connections.
     gathered: &'a mut Vec<(Packet, ReplyTo)>,
+    /// The IO loop's flag: set when this pass queued jobs.
+    wake_workers: &'a mut bool,
     token: usize,
     /// Handlers run inline: their replies join the connection's queue
     /// without a flush request each (worker replies come at their own pace
@@ -1226,7 +1253,7 @@ impl RequestBatch<'_> {
     fn finish(self) {
         self.shared.stats.packets_in(self.decoded);
         if self.queued_jobs {
-            self.shared.workers.notify();
+            *self.wake_workers = true;
         }
     }
 }
