@@ -135,13 +135,16 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
     // Requests answered on this thread are counted before each write (see
     // `CodeTable::defer_here`).
     shared.metrics.server.defer_here();
+    if !io.spare_core {
+        super::workers::hold_wakes();
+    }
     loop {
         if io.run_commands() {
             break;
         }
         // Jobs queued last round (or by commands) wake a worker before this
         // thread may sleep.
-        if std::mem::take(&mut io.wake_workers) {
+        if std::mem::take(&mut io.wake_workers) | super::workers::take_held_wake() {
             shared.workers.notify();
         }
         let timeout = if !io.again.is_empty() {
@@ -194,6 +197,11 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
         shared.stats.set_memory(io.budget.used());
         shared.metrics.server.flush_deferred();
+    }
+    // Wakes from here on are not held: shutting down fails requests whose
+    // callbacks the workers must run.
+    if super::workers::release_wakes() {
+        shared.workers.notify();
     }
     io.shut_down();
     shared.metrics.server.flush_deferred();

@@ -251,7 +251,7 @@ impl Shared {
     /// Callbacks were queued: wakes a worker, or runs them here if the
     /// workers are gone.
     fn workers_take_callbacks(&self) {
-        self.workers.notify();
+        self.workers.notify_or_hold();
         if self.lifecycle.is_stopped() {
             self.workers.drain_callbacks();
         }

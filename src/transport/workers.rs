@@ -369,6 +369,21 @@ impl WorkQueues {
     }
 
     /// Wakes a parked worker, if any, for work queued before this call.
+    /// Wakes a worker, or on a thread that holds its wakes (see
+    /// [`hold_wakes`]) notes one for [`take_held_wake`].
+    pub(crate) fn notify_or_hold(&self) {
+        let held = HELD_WAKE.with(|held| match held.get() {
+            Hold::Off => false,
+            Hold::On | Hold::Pending => {
+                held.set(Hold::Pending);
+                true
+            }
+        });
+        if !held {
+            self.notify();
+        }
+    }
+
     pub(crate) fn notify(&self) {
         fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
@@ -858,4 +873,43 @@ mod loom_tests {
             assert_eq!(shared.workers.queued_requests(), 0);
         });
     }
+}
+
+/// Whether the current thread holds its worker wakes.
+#[derive(Clone, Copy)]
+enum Hold {
+    Off,
+    On,
+    /// On, and a wake was held.
+    Pending,
+}
+
+thread_local! {
+    static HELD_WAKE: std::cell::Cell<Hold> = const { std::cell::Cell::new(Hold::Off) };
+}
+
+/// From now on, [`WorkQueues::notify_or_hold`] on this thread only notes
+/// the wake: the IO thread on one core, where a worker woken in the middle
+/// of a round would only switch the IO thread out. It calls
+/// [`take_held_wake`] before it may sleep.
+pub(crate) fn hold_wakes() {
+    HELD_WAKE.with(|held| held.set(Hold::On));
+}
+
+/// Whether a wake was held since the last call (and forgets it).
+pub(crate) fn take_held_wake() -> bool {
+    HELD_WAKE.with(|held| match held.get() {
+        Hold::Pending => {
+            held.set(Hold::On);
+            true
+        }
+        Hold::On | Hold::Off => false,
+    })
+}
+
+/// Stops holding wakes on this thread; true if one was held.
+pub(crate) fn release_wakes() -> bool {
+    let held = take_held_wake();
+    HELD_WAKE.with(|hold| hold.set(Hold::Off));
+    held
 }
