@@ -122,7 +122,17 @@ impl FrameDecoder {
     /// Whatever `src.read` returns, including `WouldBlock`.
     pub fn read_from<R: Read + ?Sized>(&mut self, src: &mut R) -> io::Result<usize> {
         let frame_rest = self.needed.saturating_sub(self.filled);
-        let want = self.chunk.max(frame_rest.min(self.read_chunk));
+        let mut want = self.chunk.max(frame_rest.min(self.read_chunk));
+        // Packets split off the front share the buffer's allocation; while
+        // one is still held elsewhere (a response on its way to a caller),
+        // growing the buffer allocates a new one. So while the allocation
+        // has room for a useful read and the frame in progress, read into
+        // that room: a buffer is replaced once it is used up, not at every
+        // read.
+        let room = self.buf.capacity() - self.filled;
+        if room >= MIN_READ / 4 && room >= frame_rest {
+            want = want.min(room);
+        }
         if self.buf.len() - self.filled < want {
             self.buf.resize(self.filled + want, 0);
         }
@@ -303,6 +313,32 @@ mod tests {
         let gap = b.body().as_ptr() as usize - a.body().as_ptr() as usize;
         assert_eq!(gap, 100 + 16);
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn held_bodies_do_not_make_every_read_allocate() {
+        // One small response per read, each body kept (as a caller on
+        // another thread may still hold it when the next read comes): the
+        // reads fill the same allocation until it is used up.
+        let packets: Vec<Packet> = (0..8).map(|i| Packet::new(i, vec![i as u8; 64])).collect();
+        let wire = encode_all(&packets);
+        let frame = 16 + 64;
+        let mut src = Chunked {
+            data: &wire,
+            sizes: vec![frame; packets.len()],
+            next: 0,
+        };
+        let mut d = FrameDecoder::new();
+        let s = DefaultStreamer::new();
+        let mut held = Vec::new();
+        for _ in 0..packets.len() {
+            assert_eq!(d.read_from(&mut src).unwrap(), frame);
+            held.push(d.next_packet(&s).unwrap().expect("a whole frame"));
+        }
+        for (i, pair) in held.windows(2).enumerate() {
+            let gap = pair[1].body().as_ptr() as usize - pair[0].body().as_ptr() as usize;
+            assert_eq!(gap, frame, "read {} reused the buffer", i + 1);
+        }
     }
 
     #[test]
