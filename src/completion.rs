@@ -578,8 +578,17 @@ impl fmt::Debug for ResponseFuture {
 impl ResponseFuture {
     /// A future and the completion that resolves it.
     pub fn new() -> (ResponseFuture, Completion) {
-        let shared = Arc::new(FutureShared {
-            state: Mutex::new(FutureState::default()),
+        #[cfg(not(loom))]
+        let spare = SPARE_FUTURES
+            .try_with(|spare| spare.borrow_mut().pop())
+            .ok()
+            .flatten();
+        #[cfg(loom)]
+        let spare = None;
+        let shared = spare.unwrap_or_else(|| {
+            Arc::new(FutureShared {
+                state: Mutex::new(FutureState::default()),
+            })
         });
         let completion = Completion {
             kind: Some(Kind::Future(shared.clone())),
@@ -625,7 +634,31 @@ impl Drop for ResponseFuture {
                 handle.cancel();
             }
         }
+        // Kept for this thread's next future if the completion is gone
+        // (then no one else can reach it): no allocation per call at
+        // steady state.
+        #[cfg(not(loom))]
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            *shared.state.get_mut() = FutureState::default();
+            let spare = self.shared.clone();
+            let _ = SPARE_FUTURES.try_with(|spares| {
+                let mut spares = spares.borrow_mut();
+                if spares.len() < SPARE_FUTURES_KEPT {
+                    spares.push(spare);
+                }
+            });
+        }
     }
+}
+
+/// Spare future states a thread keeps for its next futures.
+#[cfg(not(loom))]
+const SPARE_FUTURES_KEPT: usize = 64;
+
+#[cfg(not(loom))]
+thread_local! {
+    static SPARE_FUTURES: std::cell::RefCell<Vec<Arc<FutureShared>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(all(test, not(loom)))]
@@ -634,6 +667,24 @@ mod tests {
     use crate::proto::ChannelPool;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio_test::{assert_pending, assert_ready, task};
+
+    #[test]
+    fn a_finished_future_state_is_reused_and_a_pending_one_is_not() {
+        let (future, completion) = ResponseFuture::new();
+        let first = Arc::as_ptr(&future.shared);
+        completion.complete(Ok(Packet::new(0, "done")));
+        assert!(tokio_test::block_on(future).is_ok());
+        let (future, completion) = ResponseFuture::new();
+        assert_eq!(Arc::as_ptr(&future.shared), first, "reused");
+        // Reset: the reused state holds no earlier result.
+        let mut polled = task::spawn(future);
+        assert_pending!(polled.poll());
+        // Dropped while its completion is alive: not kept.
+        drop(polled);
+        let (future, _completion2) = ResponseFuture::new();
+        assert_ne!(Arc::as_ptr(&future.shared), first);
+        drop(completion);
+    }
 
     #[test]
     fn dropped_completion_fires_shutdown() {
