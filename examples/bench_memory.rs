@@ -312,6 +312,35 @@ fn client_allocations_per_request(requests: usize) {
         );
         client.stop();
     }
+    for (name, callbacks) in [
+        ("shared handler on workers", Dispatch::Workers),
+        ("shared handler inline", Dispatch::IoThread),
+    ] {
+        let client = Transport::builder().callbacks(callbacks).start().unwrap();
+        let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(1024));
+        let body = bytes::Bytes::from(vec![b'x'; 64]);
+        let run = |n: usize| {
+            let chain = Chain::new(manager.clone(), addr, body.clone(), n);
+            for _ in 0..CHAIN_DEPTH {
+                chain.next();
+            }
+            let mut finished = chain.done.0.lock().unwrap();
+            while *finished < CHAIN_DEPTH {
+                finished = chain.done.1.wait(finished).unwrap();
+            }
+        };
+        run(20_000);
+        let before = measure();
+        run(requests);
+        let after = measure();
+        println!(
+            "client allocations per request ({name}, 64 B bodies, depth 32): {:.3} ({} allocations for {} requests)",
+            (after.allocations - before.allocations) as f64 / requests as f64,
+            after.allocations - before.allocations,
+            requests
+        );
+        client.stop();
+    }
     for (name, future) in [("call", false), ("future", true)] {
         let client = Transport::builder().start().unwrap();
         let manager = ConnectionManager::new(&client);
@@ -373,4 +402,59 @@ fn main() {
     client_allocations_per_request(requests);
     idle_connections(conns);
     pending_requests(pending);
+}
+
+/// Requests a [`Chain`] keeps in flight.
+const CHAIN_DEPTH: usize = 32;
+
+/// One [`tbnet::SharedPacketHandler`] for every request of a run: each
+/// response sends the next request, until `n` were sent.
+struct Chain {
+    manager: Arc<ConnectionManager>,
+    addr: SocketAddr,
+    body: bytes::Bytes,
+    sent: std::sync::atomic::AtomicUsize,
+    n: usize,
+    /// Chains that ended, and their waiter.
+    done: (std::sync::Mutex<usize>, std::sync::Condvar),
+    this: std::sync::Weak<Chain>,
+}
+
+impl Chain {
+    fn new(
+        manager: Arc<ConnectionManager>,
+        addr: SocketAddr,
+        body: bytes::Bytes,
+        n: usize,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Chain {
+            manager,
+            addr,
+            body,
+            sent: std::sync::atomic::AtomicUsize::new(0),
+            n,
+            done: Default::default(),
+            this: this.clone(),
+        })
+    }
+
+    fn next(&self) {
+        if self.sent.fetch_add(1, Ordering::Relaxed) >= self.n {
+            *self.done.0.lock().unwrap() += 1;
+            self.done.1.notify_all();
+            return;
+        }
+        let this = self.this.upgrade().expect("the run holds its chain");
+        let request = Packet::new(1, self.body.clone());
+        (self.manager)
+            .send_shared(self.addr, request, None, &this, 0)
+            .expect("queued");
+    }
+}
+
+impl tbnet::SharedPacketHandler for Chain {
+    fn handle_packet(&self, result: Result<Packet, tbnet::Error>, _args: u64) {
+        result.expect("an answer");
+        self.next();
+    }
 }

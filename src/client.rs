@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::completion::{
-    clamp_wait, CallWait, CancelHandle, Completion, PacketHandler, ResponseFuture, WaitObject,
+    clamp_wait, CallWait, CancelHandle, Completion, PacketHandler, ResponseFuture,
+    SharedPacketHandler, WaitObject,
 };
 use crate::endpoint::ToEndpoint;
 use crate::error::{Error, SendError};
@@ -690,6 +691,66 @@ impl ConnectionManager {
             Err(error) => return Err(SendError::new(error, request)),
         };
         self.submit(server, request, timeout, Completion::callback(handler))
+            .map(drop)
+    }
+
+    /// Sends `request`; `handler` receives the outcome with `args` (tbnet's
+    /// `postPacket(packet, handler, args)`). One handler serves any number
+    /// of requests, and sending costs no allocation for it (a closure per
+    /// request, as [`send`](Self::send) takes, is boxed). It runs where
+    /// [`send`](Self::send)'s callbacks run.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); the handler then does not run.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::{mpsc, Arc, Mutex};
+    /// use tbnet::{ConnectionManager, Error, Packet, Responder, SharedPacketHandler, Transport};
+    ///
+    /// struct Collect(Mutex<mpsc::Sender<(u64, bool)>>);
+    ///
+    /// impl SharedPacketHandler for Collect {
+    ///     fn handle_packet(&self, result: Result<Packet, Error>, args: u64) {
+    ///         let _ = self.0.lock().unwrap().send((args, result.is_ok()));
+    ///     }
+    /// }
+    ///
+    /// let server = Transport::builder().start()?;
+    /// let addr = server.listen("127.0.0.1:0", |request: Packet, responder: Responder| {
+    ///     let _ = responder.reply(Packet::new(2, request.body().clone()));
+    /// })?;
+    /// let client = Transport::builder().start()?;
+    /// let manager = ConnectionManager::new(&client);
+    /// let (tx, rx) = mpsc::channel();
+    /// let handler = Arc::new(Collect(Mutex::new(tx)));
+    /// for args in 1..=3 {
+    ///     manager.send_shared(addr, Packet::new(1, "hello"), None, &handler, args)?;
+    /// }
+    /// let mut seen: Vec<(u64, bool)> = rx.iter().take(3).collect();
+    /// seen.sort();
+    /// assert_eq!(seen, [(1, true), (2, true), (3, true)]);
+    /// client.stop();
+    /// server.stop();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_shared<H: SharedPacketHandler>(
+        &self,
+        server: impl ToEndpoint,
+        request: Packet,
+        timeout: Option<Duration>,
+        handler: &std::sync::Arc<H>,
+        args: u64,
+    ) -> Result<(), SendError<Packet>> {
+        if self.transport.shared().workers.callbacks_full() {
+            return Err(SendError::new(Error::QueueFull, request));
+        }
+        let server = match server.to_endpoint() {
+            Ok(server) => server,
+            Err(error) => return Err(SendError::new(error, request)),
+        };
+        let handler: std::sync::Arc<dyn SharedPacketHandler> = handler.clone();
+        self.submit(server, request, timeout, Completion::shared(handler, args))
             .map(drop)
     }
 

@@ -56,6 +56,40 @@ where
     }
 }
 
+/// A handler that many requests share, told apart by the `args` each was
+/// sent with: tbnet's `IPacketHandler::handlePacket(packet, args)`.
+///
+/// Sending with one ([`ConnectionManager::send_shared`]) costs no
+/// allocation: the handler's `Arc` is cloned, where a closure per request
+/// ([`PacketHandler`]) is boxed. It runs where callbacks run (a worker, or
+/// the IO thread with [`Dispatch::IoThread`] callbacks), possibly on
+/// several threads at once.
+///
+/// # Examples
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use tbnet::{Error, Packet, SharedPacketHandler};
+///
+/// /// Adds up the `args` of the requests that were answered.
+/// #[derive(Default)]
+/// struct Answered(AtomicU64);
+///
+/// impl SharedPacketHandler for Answered {
+///     fn handle_packet(&self, result: Result<Packet, Error>, args: u64) {
+///         if result.is_ok() {
+///             self.0.fetch_add(args, Ordering::Relaxed);
+///         }
+///     }
+/// }
+/// ```
+///
+/// [`ConnectionManager::send_shared`]: crate::ConnectionManager::send_shared
+/// [`Dispatch::IoThread`]: crate::Dispatch::IoThread
+pub trait SharedPacketHandler: Send + Sync + 'static {
+    /// Receives the outcome of the request that was sent with `args`.
+    fn handle_packet(&self, result: Result<Packet, Error>, args: u64);
+}
+
 /// The one-shot end of a pending request: fires its outcome exactly once.
 ///
 /// Dropping it unfired fires [`Error::Shutdown`].
@@ -65,6 +99,9 @@ pub struct Completion {
 
 enum Kind {
     Callback(Box<dyn PacketHandler>),
+    /// A shared handler and the request's `args` (a `std` `Arc` also
+    /// under loom: loom's cannot hold a trait object).
+    Shared(std::sync::Arc<dyn SharedPacketHandler>, u64),
     Wait {
         shared: Arc<WaitShared>,
         index: usize,
@@ -84,6 +121,14 @@ impl Completion {
         }
     }
 
+    /// A completion that runs a shared `handler` with the outcome and
+    /// `args`.
+    pub fn shared(handler: std::sync::Arc<dyn SharedPacketHandler>, args: u64) -> Self {
+        Completion {
+            kind: Some(Kind::Shared(handler, args)),
+        }
+    }
+
     /// Fires the outcome: runs the callback or wakes the waiter.
     pub fn complete(mut self, result: Result<Packet, Error>) {
         if let Some(kind) = self.kind.take() {
@@ -93,7 +138,7 @@ impl Completion {
 
     /// Whether firing runs user code (a callback) rather than waking a waiter.
     pub fn is_callback(&self) -> bool {
-        matches!(self.kind, Some(Kind::Callback(_)))
+        matches!(self.kind, Some(Kind::Callback(_) | Kind::Shared(..)))
     }
 
     /// The completion of a one-way post: nobody waits for its outcome.
@@ -129,6 +174,7 @@ impl fmt::Debug for Completion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Some(Kind::Callback(_)) => "callback",
+            Some(Kind::Shared(..)) => "shared callback",
             Some(Kind::Wait { .. }) => "wait",
             Some(Kind::Future(_)) => "future",
             Some(Kind::Call(_)) => "call",
@@ -143,6 +189,7 @@ impl Kind {
     fn fire(self, result: Result<Packet, Error>) {
         match self {
             Kind::Callback(handler) => handler.handle_packet(result),
+            Kind::Shared(handler, args) => handler.handle_packet(result, args),
             Kind::Wait { shared, index } => shared.fire(index, result),
             Kind::Future(shared) => shared.fire(result),
             Kind::Call(slot) => slot.fire(result),

@@ -375,6 +375,7 @@
 //! | `IServerAdaptor`     | [`ServerAdaptor`] (alias [`IServerAdaptor`]), any `Fn(Packet, Responder)` |
 //! | `IServerAdaptor::handleBatchPacket` | [`BatchAdaptor`], [`Transport::listen_batch`] |
 //! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
+//! | `postPacket(packet, handler, args)` with one handler for many requests | [`ConnectionManager::send_shared`] with a [`SharedPacketHandler`] (no allocation per request) |
 //! | `IPacketStreamer` + `IPacketFactory` | [`PacketStreamer`](proto::PacketStreamer) (alias [`IPacketStreamer`]) |
 //! | `DefaultPacketStreamer` | [`proto::DefaultStreamer`] |
 //! | (no equivalent) a connection's requests handled in order on the pool | [`Dispatch::Ordered`] |
@@ -549,7 +550,7 @@ pub use client::{
     Backoff, ConnectionManager, ServerId, ServerStats, WhileDown, DEFAULT_QUEUE_LIMIT,
     DEFAULT_TIMEOUT,
 };
-pub use completion::{Completion, PacketHandler, ResponseFuture, WaitObject};
+pub use completion::{Completion, PacketHandler, ResponseFuture, SharedPacketHandler, WaitObject};
 pub use endpoint::ToEndpoint;
 pub use error::{Error, SendError};
 pub use message::{

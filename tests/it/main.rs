@@ -27,6 +27,7 @@ mod reconnect_storm;
 mod regressions;
 mod server;
 mod services;
+mod shared_handler;
 mod shutdown;
 mod soak;
 mod spec;
