@@ -343,14 +343,6 @@ pub fn drive_callback(run: &Arc<Run>, depth: usize) -> Tally {
     )
 }
 
-struct Unpark(thread::Thread);
-
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
 /// One thread per connection polls `depth` futures; no async runtime needed.
 pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
     let handles: Vec<_> = (run.managers.iter().cloned())
@@ -358,8 +350,19 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
             let run = run.clone();
             thread::spawn(move || {
                 let mut tally = Tally::new();
-                let waker = Waker::from(Arc::new(Unpark(thread::current())));
-                let mut cx = Context::from_waker(&waker);
+                // One waker per slot, as an executor has one per task: a
+                // wake names the slot to poll, so a response costs one
+                // poll, not one per request in flight.
+                let ready = Arc::new(Mutex::new(Vec::with_capacity(depth)));
+                let wakers: Vec<Waker> = (0..depth)
+                    .map(|index| {
+                        Waker::from(Arc::new(SlotWaker {
+                            index,
+                            ready: ready.clone(),
+                            thread: thread::current(),
+                        }))
+                    })
+                    .collect();
                 type InFlight = (ResponseFuture, Bytes, Instant);
                 let start = |tally: &mut Tally| -> Option<InFlight> {
                     loop {
@@ -382,10 +385,12 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                 };
                 let mut slots: Vec<Option<InFlight>> =
                     (0..depth).map(|_| start(&mut tally)).collect();
+                let mut to_poll: Vec<usize> = (0..depth).collect();
                 while slots.iter().any(Option::is_some) {
-                    for slot in slots.iter_mut() {
+                    for &index in &to_poll {
+                        let mut cx = Context::from_waker(&wakers[index]);
                         // Poll until pending, so a fresh future registers its waker.
-                        while let Some((future, body, started)) = slot {
+                        while let Some((future, body, started)) = &mut slots[index] {
                             let Poll::Ready(result) = Pin::new(future).poll(&mut cx) else {
                                 break;
                             };
@@ -396,16 +401,41 @@ pub fn drive_future(run: &Arc<Run>, depth: usize) -> Tally {
                                 (*started, Instant::now()),
                                 &run.progress,
                             );
-                            *slot = start(&mut tally);
+                            slots[index] = start(&mut tally);
                         }
                     }
-                    thread::park_timeout(Duration::from_millis(50));
+                    to_poll.clear();
+                    while slots.iter().any(Option::is_some) {
+                        std::mem::swap(&mut to_poll, &mut *ready.lock().expect("ready lock"));
+                        if !to_poll.is_empty() {
+                            break;
+                        }
+                        thread::park_timeout(Duration::from_millis(50));
+                    }
                 }
                 tally
             })
         })
         .collect();
     join_drivers(handles)
+}
+
+/// Wakes a [`drive_future`] thread for one of its slots.
+struct SlotWaker {
+    index: usize,
+    ready: Arc<Mutex<Vec<usize>>>,
+    thread: thread::Thread,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.lock().expect("ready lock").push(self.index);
+        self.thread.unpark();
+    }
 }
 
 /// Waits for every driver thread and adds up what they saw.
