@@ -191,7 +191,7 @@ impl Kind {
             Kind::Callback(handler) => handler.handle_packet(result),
             Kind::Shared(handler, args) => handler.handle_packet(result, args),
             Kind::Wait { shared, index } => shared.fire(index, result),
-            Kind::Future(shared) => shared.fire(result),
+            Kind::Future(shared) => FutureShared::fire(shared, result),
             Kind::Call(slot) => slot.fire(result),
             Kind::Discard => {}
         }
@@ -574,12 +574,16 @@ struct FutureState {
 }
 
 impl FutureShared {
-    fn fire(&self, result: Result<Packet, Error>) {
+    /// Sets the outcome, lets go of this reference, then wakes the future:
+    /// by the time it runs, its state is its own again (and can be kept for
+    /// its thread's next future).
+    fn fire(shared: Arc<Self>, result: Result<Packet, Error>) {
         let waker = {
-            let mut state = self.state.lock();
+            let mut state = shared.state.lock();
             state.result = Some(result);
             state.waker.take()
         };
+        drop(shared);
         if let Some(waker) = waker {
             // A waker is the executor's code: a panic in it must not take
             // down the transport thread that completed the request.
