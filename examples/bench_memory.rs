@@ -300,16 +300,7 @@ fn client_allocations_per_request(requests: usize) {
                 finished = done.1.wait(finished).unwrap();
             }
         };
-        run(20_000);
-        let before = measure();
-        run(requests);
-        let after = measure();
-        println!(
-            "client allocations per request ({name}, 64 B bodies, depth 32): {:.3} ({} allocations for {} requests)",
-            (after.allocations - before.allocations) as f64 / requests as f64,
-            after.allocations - before.allocations,
-            requests
-        );
+        client_allocations(name, 32, 20_000, requests, run);
         client.stop();
     }
     for (name, callbacks) in [
@@ -329,16 +320,7 @@ fn client_allocations_per_request(requests: usize) {
                 finished = chain.done.1.wait(finished).unwrap();
             }
         };
-        run(20_000);
-        let before = measure();
-        run(requests);
-        let after = measure();
-        println!(
-            "client allocations per request ({name}, 64 B bodies, depth 32): {:.3} ({} allocations for {} requests)",
-            (after.allocations - before.allocations) as f64 / requests as f64,
-            after.allocations - before.allocations,
-            requests
-        );
+        client_allocations(name, 32, 20_000, requests, run);
         client.stop();
     }
     for (name, future) in [("call", false), ("future", true)] {
@@ -354,24 +336,35 @@ fn client_allocations_per_request(requests: usize) {
                 manager.call(addr, request, None).expect("an answer");
             }
         };
-        for _ in 0..2_000 {
-            one(&manager);
-        }
-        let n = requests / 10;
-        let before = measure();
-        for _ in 0..n {
-            one(&manager);
-        }
-        let after = measure();
-        println!(
-            "client allocations per request ({name}, 64 B bodies, depth 1): {:.3} ({} allocations for {} requests)",
-            (after.allocations - before.allocations) as f64 / n as f64,
-            after.allocations - before.allocations,
-            n
-        );
+        client_allocations(name, 1, 2_000, requests / 10, |n| {
+            for _ in 0..n {
+                one(&manager);
+            }
+        });
         client.stop();
     }
     server.stop();
+}
+
+/// Runs `run(warmup)`, then counts the allocations of `run(requests)` and
+/// prints them per request.
+fn client_allocations(
+    name: &str,
+    depth: usize,
+    warmup: usize,
+    requests: usize,
+    run: impl Fn(usize),
+) {
+    run(warmup);
+    let before = measure();
+    run(requests);
+    let after = measure();
+    println!(
+        "client allocations per request ({name}, 64 B bodies, depth {depth}): {:.3} ({} allocations for {} requests)",
+        (after.allocations - before.allocations) as f64 / requests as f64,
+        after.allocations - before.allocations,
+        requests
+    );
 }
 
 /// Memory and allocations per connection, pending request and request (dhat).

@@ -683,6 +683,19 @@ impl ConnectionManager {
         timeout: Option<Duration>,
         handler: H,
     ) -> Result<(), SendError<Packet>> {
+        self.send_to_callback(server, request, timeout, || Completion::callback(handler))
+    }
+
+    /// Queues `request` with a callback completion made by `completion`,
+    /// only once the request may be queued: a completion dropped unfired
+    /// would run its callback with [`Error::Shutdown`].
+    fn send_to_callback(
+        &self,
+        server: impl ToEndpoint,
+        request: Packet,
+        timeout: Option<Duration>,
+        completion: impl FnOnce() -> Completion,
+    ) -> Result<(), SendError<Packet>> {
         if self.transport.shared().workers.callbacks_full() {
             return Err(SendError::new(Error::QueueFull, request));
         }
@@ -690,7 +703,7 @@ impl ConnectionManager {
             Ok(server) => server,
             Err(error) => return Err(SendError::new(error, request)),
         };
-        self.submit(server, request, timeout, Completion::callback(handler))
+        self.submit(server, request, timeout, completion())
             .map(drop)
     }
 
@@ -742,16 +755,10 @@ impl ConnectionManager {
         handler: &std::sync::Arc<H>,
         args: u64,
     ) -> Result<(), SendError<Packet>> {
-        if self.transport.shared().workers.callbacks_full() {
-            return Err(SendError::new(Error::QueueFull, request));
-        }
-        let server = match server.to_endpoint() {
-            Ok(server) => server,
-            Err(error) => return Err(SendError::new(error, request)),
-        };
-        let handler: std::sync::Arc<dyn SharedPacketHandler> = handler.clone();
-        self.submit(server, request, timeout, Completion::shared(handler, args))
-            .map(drop)
+        self.send_to_callback(server, request, timeout, || {
+            let handler: std::sync::Arc<dyn SharedPacketHandler> = handler.clone();
+            Completion::shared(handler, args)
+        })
     }
 
     /// Sends `request` and returns a future of its outcome, usable on any
