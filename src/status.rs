@@ -298,6 +298,12 @@ fn counters(
             stats.post_replies as f64,
         ),
         (
+            "unhandled_total",
+            "counter",
+            "Packets from servers that matched no request, with no default handler to take them",
+            stats.unhandled as f64,
+        ),
+        (
             "refused_total",
             "counter",
             "Connections refused by a listener's allow-list",
@@ -591,6 +597,7 @@ mod tests {
             "connections",
             "connections_total",
             "post_replies",
+            "unhandled",
             "uptime_seconds",
         ] {
             assert!(keys.iter().any(|k| k == key), "no {key} in {json}");
