@@ -199,7 +199,7 @@ pub(crate) fn respond(request: &Request, page: &Page) -> Bytes {
 fn counters(
     stats: &StatsSnapshot,
     uptime: Duration,
-) -> [(&'static str, &'static str, &'static str, f64); 28] {
+) -> [(&'static str, &'static str, &'static str, f64); 29] {
     [
         (
             "connections",

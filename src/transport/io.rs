@@ -425,7 +425,8 @@ impl IoLoop {
         let Some(c) = self.conn_mut(token) else {
             return;
         };
-        if c.announced || c.state.phase() == Phase::Connecting {
+        // Announced once open: connected, and a TLS handshake done.
+        if c.announced || c.state.phase() == Phase::Connecting || c.state.in_handshake() {
             return;
         }
         if let Some(events) = c.conn.events() {
@@ -639,6 +640,9 @@ impl IoLoop {
     /// Reads until `WouldBlock`, decoding and dispatching as it goes.
     fn read(&mut self, token: usize) {
         self.read_until_blocked(token);
+        // A TLS handshake that these reads finished opens the connection
+        // for its hooks.
+        self.announce(token);
         // Replies produced on this thread while decoding leave now rather
         // than after every other ready connection was read: with a fixed
         // number of requests in flight, latency is throughput.

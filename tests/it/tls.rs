@@ -12,8 +12,8 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 use tbnet::{
-    ConnectionManager, Error, ListenOptions, Packet, Responder, TlsClientConfig, TlsServerConfig,
-    Transport, WaitObject,
+    ConnectionEvent, ConnectionHandle, ConnectionManager, Error, ListenOptions, Packet, Responder,
+    TlsClientConfig, TlsServerConfig, Transport, WaitObject,
 };
 
 use crate::support::*;
@@ -506,10 +506,52 @@ fn a_server_that_never_finishes_the_handshake_is_left_by_its_deadline() {
         .handshake_timeout(Duration::from_millis(200))
         .start()
         .unwrap();
-    let client = tls_client(&client_transport, &ca, "localhost");
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = {
+        let heard = heard.clone();
+        let tls = TlsClientConfig::new(&ca.pem(), "localhost").unwrap();
+        ConnectionManager::new(&client_transport)
+            .with_tls(tls)
+            .with_events(move |_: &ConnectionHandle, event: ConnectionEvent| {
+                heard.lock().unwrap().push(event);
+            })
+    };
     let result = client.call(addr, Packet::new(1, "hello?"), Some(NEVER));
     assert!(matches!(result, Err(Error::Disconnected)), "{result:?}");
     assert_eq!(client_transport.stats().handshake_failures, 1);
+    // Stopping delivers every queued event first: a connection whose
+    // handshake never finished was never announced, so it has no close
+    // either.
     stop(&client_transport);
+    assert_eq!(*heard.lock().unwrap(), []);
     mute.join().unwrap();
+}
+
+#[test]
+fn a_tls_connection_is_announced_once_its_handshake_is_done() {
+    let ca = Ca::new("test CA");
+    let server = tls_server(&ca);
+    let client_transport = transport();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = {
+        let heard = heard.clone();
+        let tls = TlsClientConfig::new(&ca.pem(), "localhost").unwrap();
+        ConnectionManager::new(&client_transport)
+            .with_tls(tls)
+            .with_events(move |_: &ConnectionHandle, event: ConnectionEvent| {
+                heard.lock().unwrap().push(event);
+            })
+    };
+    let response = client.call(server.addr, Packet::new(1, "hello"), Some(NEVER));
+    assert_eq!(response.unwrap().body(), "hello");
+    stop(&client_transport);
+    let heard = heard.lock().unwrap().clone();
+    assert!(
+        matches!(
+            heard[..],
+            [ConnectionEvent::Connected, ConnectionEvent::Closed(_)]
+        ),
+        "{heard:?}"
+    );
+    stop(&server.transport);
 }
