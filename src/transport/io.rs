@@ -107,6 +107,8 @@ struct IoLoop {
     gathered: Vec<(Packet, ReplyTo)>,
     /// Jobs were queued this round and no worker was woken for them yet.
     wake_workers: bool,
+    /// The workers' progress when last seen, and when (one core only).
+    progress_seen: (usize, Instant),
     /// Whether this thread has a core to spare for a worker (see
     /// `wake_workers_for`).
     spare_core: bool,
@@ -129,6 +131,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         refusals: RefusalLog::default(),
         gathered: Vec::new(),
         wake_workers: false,
+        progress_seen: (0, Instant::now()),
         spare_core: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
     };
     let mut events = Events::with_capacity(1024);
@@ -147,14 +150,23 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if std::mem::take(&mut io.wake_workers) | super::workers::take_held_wake() {
             shared.workers.notify();
         }
+        // On one core, jobs left queued behind a worker are watched for a
+        // stall (`WorkQueues::watch`).
+        let watching = shared.workers.needs_watching();
         let timeout = if !io.again.is_empty() {
             Some(Duration::ZERO)
+        } else if watching {
+            Some(super::workers::STALL)
         } else if !io.accept_retry.is_empty() {
             Some(ACCEPT_RETRY)
         } else {
             None
         };
-        if !shared.waker.may_sleep(|| shared.commands.is_empty()) {
+        shared
+            .workers
+            .set_io_watches(timeout.is_some_and(|t| t <= super::workers::STALL));
+        let idle = || shared.commands.is_empty() && (watching || !shared.workers.needs_watching());
+        if !shared.waker.may_sleep(idle) {
             continue;
         }
         let polled = io.poll.poll(&mut events, timeout);
@@ -186,6 +198,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
         for token in std::mem::take(&mut io.accept_retry) {
             io.accept(token);
+        }
+        if shared.workers.needs_watching() {
+            shared.workers.watch(&mut io.progress_seen, Instant::now());
         }
         if let Some(held) = io.budget.release() {
             for token in held {

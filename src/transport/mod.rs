@@ -181,6 +181,12 @@ impl Shared {
     }
 
     /// Hands `command` to the IO thread, waking it if it sleeps.
+    /// Wakes the IO thread with no command: it looks at its deadlines and
+    /// at the workers again.
+    pub(crate) fn wake_io(&self) {
+        self.waker.wake();
+    }
+
     pub(crate) fn command(&self, command: Command) {
         self.commands.push(command);
         self.waker.wake();

@@ -162,6 +162,16 @@ pub(crate) struct WorkQueues {
     busy: AtomicUsize,
     running: Mutex<usize>,
     exited: Condvar,
+    /// Whether the pool has a core to spare (see [`Self::may_wake_helper`]).
+    spare_core: bool,
+    /// Requests taken by workers so far: the IO thread's measure of their
+    /// progress (see [`Self::watch`]).
+    progress: AtomicUsize,
+    /// The IO thread sleeps (or is about to) with a timeout of at most
+    /// [`STALL`], so it will look at jobs left waiting without a wake.
+    io_watches: AtomicBool,
+    /// A worker left jobs queued without waking a helper (one core).
+    jobs_left: AtomicBool,
 }
 
 impl WorkQueues {
@@ -189,6 +199,74 @@ impl WorkQueues {
             busy: AtomicUsize::new(0),
             running: Mutex::new(0),
             exited: Condvar::new(),
+            spare_core: cfg!(loom)
+                || std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            progress: AtomicUsize::new(0),
+            io_watches: AtomicBool::new(false),
+            jobs_left: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a worker that leaves jobs behind should wake a helper for
+    /// them at once. With a core to spare, yes: the helper runs beside it.
+    /// On one core a helper could only take turns with it, so the jobs wait
+    /// for the worker itself, unless it makes no progress for
+    /// [`STALL`] (a handler that blocks): the IO thread watches for that
+    /// ([`Self::watch`]) and wakes a helper then.
+    fn may_wake_helper(&self) -> bool {
+        self.spare_core
+    }
+
+    /// IO thread: whether jobs wait that a worker left without waking a
+    /// helper, so it must look again within [`STALL`] rather than sleep.
+    /// (Jobs the IO thread queued itself had a worker woken for them.)
+    pub(crate) fn needs_watching(&self) -> bool {
+        if self.spare_core || !self.jobs_left.load(Ordering::SeqCst) {
+            return false;
+        }
+        if !self.requests.is_empty() {
+            return true;
+        }
+        self.jobs_left.store(false, Ordering::SeqCst);
+        // A job left after the look above set the flag again after its
+        // push (all `SeqCst`): look once more.
+        if !self.requests.is_empty() {
+            self.jobs_left.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// IO thread, before it may sleep: whether its timeout lets it watch.
+    /// Paired with [`Self::left_jobs`] (both `SeqCst`, as the IO thread's
+    /// sleep handshake): either the IO thread sees the jobs left, or the
+    /// worker sees that it does not watch and wakes it.
+    pub(crate) fn set_io_watches(&self, watches: bool) {
+        self.io_watches.store(watches, Ordering::SeqCst);
+    }
+
+    /// Worker, on one core: it left jobs queued without waking a helper;
+    /// the IO thread must be watching for a stall.
+    fn left_jobs(&self, shared: &Shared) {
+        self.jobs_left.store(true, Ordering::SeqCst);
+        if !self.io_watches.load(Ordering::SeqCst) {
+            shared.wake_io();
+        }
+    }
+
+    /// IO thread, on one core: wakes a helper if jobs waited for [`STALL`]
+    /// while no request was taken. `seen` is the IO thread's record of the
+    /// last progress it saw and when.
+    pub(crate) fn watch(&self, seen: &mut (usize, Instant), now: Instant) {
+        if self.spare_core {
+            return;
+        }
+        let progress = self.progress.load(Ordering::Relaxed);
+        if progress != seen.0 || self.requests.is_empty() {
+            *seen = (progress, now);
+        } else if now.saturating_duration_since(seen.1) >= STALL {
+            *seen = (progress, now);
+            self.notify();
         }
     }
 
@@ -522,6 +600,7 @@ fn run_one_request(shared: &Shared) -> bool {
             None => false,
         };
     };
+    queues.progress.fetch_add(1, Ordering::Relaxed);
     // (A shared pass's requests were counted taken by the worker that
     // shared it.)
     if job.len() > 0 {
@@ -533,9 +612,14 @@ fn run_one_request(shared: &Shared) -> bool {
     }
     // The IO thread wakes one worker per batch; each worker that takes a
     // request passes the wake on while more are queued, so a slow handler
-    // never holds up the rest of its batch.
+    // never holds up the rest of its batch (on one core, the IO thread
+    // passes it on if the worker stalls).
     if !queues.requests.is_empty() {
-        queues.notify();
+        if queues.may_wake_helper() {
+            queues.notify();
+        } else {
+            queues.left_jobs(shared);
+        }
     }
     queues.enter_busy();
     match job {
@@ -544,7 +628,7 @@ fn run_one_request(shared: &Shared) -> bool {
             request,
             reply,
         } => run_request(handler.as_ref(), request, reply),
-        Job::Requests { handler, requests } => run_requests(queues, handler, requests),
+        Job::Requests { handler, requests } => run_requests(shared, handler, requests),
         Job::Batch { handler, requests } => run_batch(handler.as_ref(), requests),
         Job::Share(pass) => run_pass(queues, pass),
     }
@@ -557,14 +641,19 @@ fn run_one_request(shared: &Shared) -> bool {
 /// reference), so any worker that comes free takes its next request, and a
 /// slow handler never holds up the rest of its pass.
 fn run_requests(
-    queues: &WorkQueues,
+    shared: &Shared,
     handler: Arc<dyn RequestHandler>,
     mut requests: Vec<(Packet, ReplyTo)>,
 ) {
+    let queues = &shared.workers;
     if requests.len() > 1 && queues.workers.load(Ordering::Relaxed) > 1 {
         let pass = queues.pass(handler, requests);
         if queues.requests.push(Job::Share(pass.clone())).is_ok() {
-            queues.notify();
+            if queues.may_wake_helper() {
+                queues.notify();
+            } else {
+                queues.left_jobs(shared);
+            }
         }
         run_pass(queues, pass);
         return;
@@ -585,6 +674,7 @@ fn run_pass(queues: &WorkQueues, pass: Arc<Pass>) {
             let Some(next) = state.requests.pop_front() else {
                 break;
             };
+            queues.progress.fetch_add(1, Ordering::Relaxed);
             if handler.is_none() {
                 handler = state.handler.clone();
             }
@@ -673,6 +763,10 @@ fn spin(queues: &WorkQueues) -> bool {
     loom::thread::yield_now();
     !queues.is_idle()
 }
+
+/// How long queued jobs may wait on one core while no worker takes a
+/// request before the IO thread wakes a helper (a handler that blocks).
+pub(crate) const STALL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Iterations a worker spins before parking (about a microsecond). loom
 /// explores every interleaving at each iteration's `is_stopping` load, so

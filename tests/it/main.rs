@@ -19,6 +19,7 @@ mod handles;
 mod hostile;
 mod manager_control;
 mod metrics;
+mod one_core;
 mod ordered;
 mod post;
 mod queue_wait;

@@ -1,0 +1,97 @@
+//! A transport started on a thread confined to one CPU runs as in a
+//! one-CPU container: no worker spins, wakes wait for the IO thread's round,
+//! and a worker that leaves jobs queued wakes no helper unless it stalls
+//! (the IO thread watches for that). These tests start their transports on
+//! such a thread, so they check those paths on any machine.
+
+use std::collections::HashSet;
+use std::thread;
+
+use tbnet::{Packet, Responder, Transport};
+
+use crate::support::*;
+
+/// Runs `body` on a thread confined to the first CPU this process may use
+/// (the transports it starts inherit the confinement).
+fn on_one_core(body: impl FnOnce() + Send + 'static) {
+    within("a test confined to one CPU", move || {
+        thread::spawn(move || {
+            let core = *core_affinity::get_core_ids()
+                .expect("the CPUs this process may use")
+                .first()
+                .expect("one CPU at least");
+            assert!(core_affinity::set_for_current(core), "confine to {core:?}");
+            assert_eq!(
+                thread::available_parallelism().unwrap().get(),
+                1,
+                "the confinement shows"
+            );
+            body();
+        })
+        .join()
+        .unwrap();
+    });
+}
+
+#[test]
+fn on_one_core_a_blocked_handler_never_holds_up_the_rest_of_its_pass() {
+    on_one_core(|| {
+        let gate = Gate::default();
+        let server = Transport::builder().workers(2).start().unwrap();
+        let addr = {
+            let gate = gate.clone();
+            server
+                .listen(loopback(), move |req: Packet, resp: Responder| {
+                    if req.pcode().get() == 1 {
+                        gate.pass();
+                    }
+                    echo(req, resp);
+                })
+                .unwrap()
+        };
+        let mut raw = raw_client(addr);
+        // One segment, one decoded pass: the blocked request first, then
+        // five that answer at once.
+        let mut pass = frame(1, 1, b"blocked");
+        for chid in 2..7 {
+            pass.extend_from_slice(&frame(chid, 2, b"fast"));
+        }
+        send_bytes(&mut raw, &pass);
+        let fast: HashSet<u32> = (0..5).map(|_| read_frame(&mut raw).unwrap().chid).collect();
+        assert_eq!(fast, (2..7).collect(), "every fast reply came first");
+        gate.open();
+        assert_eq!(read_frame(&mut raw).unwrap().chid, 1);
+        stop(&server);
+    });
+}
+
+#[test]
+fn on_one_core_pipelined_requests_of_many_connections_are_each_answered_once() {
+    on_one_core(|| {
+        let server = Transport::builder().workers(2).start().unwrap();
+        let addr = server.listen(loopback(), echo).unwrap();
+        const CONNS: usize = 4;
+        const DEPTH: u32 = 64;
+        let mut clients: Vec<_> = (0..CONNS).map(|_| raw_client(addr)).collect();
+        for (i, client) in clients.iter_mut().enumerate() {
+            let mut burst = Vec::new();
+            for chid in 1..=DEPTH {
+                burst.extend_from_slice(&frame(chid, 3, format!("{i}/{chid}").as_bytes()));
+            }
+            send_bytes(client, &burst);
+        }
+        for (i, client) in clients.iter_mut().enumerate() {
+            let mut seen = HashSet::new();
+            for _ in 1..=DEPTH {
+                let reply = read_frame(client).unwrap();
+                assert_eq!(reply.body, format!("{i}/{}", reply.chid).into_bytes());
+                assert!(
+                    seen.insert(reply.chid),
+                    "channel {} answered twice",
+                    reply.chid
+                );
+            }
+        }
+        stop(&server);
+    });
+}
