@@ -164,8 +164,8 @@ pub(crate) struct WorkQueues {
     exited: Condvar,
     /// Whether the pool has a core to spare (see [`Self::may_wake_helper`]).
     spare_core: bool,
-    /// Requests taken by workers so far: the IO thread's measure of their
-    /// progress (see [`Self::watch`]).
+    /// Jobs (requests, shared requests, callbacks) taken by workers so far:
+    /// the IO thread's measure of their progress (see [`Self::watch`]).
     progress: AtomicUsize,
     /// The IO thread sleeps (or is about to) with a timeout of at most
     /// [`STALL`], so it will look at jobs left waiting without a wake.
@@ -224,17 +224,22 @@ impl WorkQueues {
         if self.spare_core || !self.jobs_left.load(Ordering::SeqCst) {
             return false;
         }
-        if !self.requests.is_empty() {
+        if self.has_jobs() {
             return true;
         }
         self.jobs_left.store(false, Ordering::SeqCst);
         // A job left after the look above set the flag again after its
         // push (all `SeqCst`): look once more.
-        if !self.requests.is_empty() {
+        if self.has_jobs() {
             self.jobs_left.store(true, Ordering::SeqCst);
             return true;
         }
         false
+    }
+
+    /// Requests or callbacks wait (the jobs a worker may leave behind).
+    fn has_jobs(&self) -> bool {
+        !self.requests.is_empty() || !self.callbacks.is_empty()
     }
 
     /// IO thread, before it may sleep: whether its timeout lets it watch.
@@ -262,7 +267,7 @@ impl WorkQueues {
             return;
         }
         let progress = self.progress.load(Ordering::Relaxed);
-        if progress != seen.0 || self.requests.is_empty() {
+        if progress != seen.0 || !self.has_jobs() {
             *seen = (progress, now);
         } else if now.saturating_duration_since(seen.1) >= STALL {
             *seen = (progress, now);
@@ -580,10 +585,16 @@ fn run_one_callback(shared: &Shared) -> bool {
     let Some(ready) = queues.pop_callback() else {
         return false;
     };
+    queues.progress.fetch_add(1, Ordering::Relaxed);
     // Woken once per batch, a worker passes the wake on while more wait
-    // (as for requests), so a slow callback holds up only itself.
+    // (as for requests), so a slow callback holds up only itself (on one
+    // core, the IO thread passes it on if the worker stalls).
     if !queues.callbacks.is_empty() {
-        queues.notify();
+        if queues.may_wake_helper() {
+            queues.notify();
+        } else {
+            queues.left_jobs(shared);
+        }
     }
     run_callback(ready);
     true

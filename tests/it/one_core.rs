@@ -5,9 +5,11 @@
 //! such a thread, so they check those paths on any machine.
 
 use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::sync::mpsc;
 use std::thread;
 
-use tbnet::{Packet, Responder, Transport};
+use tbnet::{ConnectionManager, Packet, Responder, Transport};
 
 use crate::support::*;
 
@@ -93,5 +95,58 @@ fn on_one_core_pipelined_requests_of_many_connections_are_each_answered_once() {
             }
         }
         stop(&server);
+    });
+}
+
+#[test]
+fn on_one_core_a_blocked_callback_never_holds_up_the_others_of_its_batch() {
+    on_one_core(|| {
+        // Answers both requests in one write: the client reads them as one
+        // batch of responses.
+        let (addr, server) = raw_server(|mut stream| {
+            let a = read_frame(&mut stream).unwrap();
+            let b = read_frame(&mut stream).unwrap();
+            let mut both = frame(a.chid, 1, b"a");
+            both.extend_from_slice(&frame(b.chid, 1, b"b"));
+            stream.write_all(&both).unwrap();
+            // Until the client closes.
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+        });
+        let client = Transport::builder().workers(2).start().unwrap();
+        let manager = ConnectionManager::new(&client);
+        let (second_ran, wait_for_second) = mpsc::channel::<()>();
+        let (both_ran, wait_for_both) = mpsc::channel::<()>();
+        // The first callback blocks until the second one has run.
+        manager
+            .send(
+                addr,
+                Packet::new(1, "a"),
+                Some(NEVER),
+                move |result: Result<Packet, tbnet::Error>| {
+                    assert_eq!(result.unwrap().body(), "a");
+                    wait_for_second
+                        .recv_timeout(HANG_GUARD)
+                        .expect("the second callback ran");
+                    both_ran.send(()).unwrap();
+                },
+            )
+            .unwrap();
+        manager
+            .send(
+                addr,
+                Packet::new(1, "b"),
+                Some(NEVER),
+                move |result: Result<Packet, tbnet::Error>| {
+                    assert_eq!(result.unwrap().body(), "b");
+                    second_ran.send(()).unwrap();
+                },
+            )
+            .unwrap();
+        wait_for_both
+            .recv_timeout(HANG_GUARD)
+            .expect("both callbacks ran");
+        stop(&client);
+        server.join().unwrap();
     });
 }
