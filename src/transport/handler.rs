@@ -27,6 +27,11 @@ pub enum Dispatch {
     IoThread,
     /// On the worker pool, through a bounded queue; when it is full the IO
     /// thread stops reading until there is room (TCP pushes back on clients).
+    /// A decode pass goes to a worker as one job; while a core is spare,
+    /// another worker takes the pass's next requests beside it, and
+    /// otherwise the IO thread wakes one if the first worker takes no
+    /// request for 1 ms (a handler that blocks holds up the rest of its
+    /// pass for at most that long).
     #[default]
     Workers,
     /// On the worker pool, one connection's requests one after another in

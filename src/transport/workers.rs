@@ -162,8 +162,8 @@ pub(crate) struct WorkQueues {
     busy: AtomicUsize,
     running: Mutex<usize>,
     exited: Condvar,
-    /// Whether the pool has a core to spare (see [`Self::may_wake_helper`]).
-    spare_core: bool,
+    /// The cores this pool may use (see [`Self::may_wake_helper`]).
+    cores: usize,
     /// Jobs (requests, shared requests, callbacks) taken by workers so far:
     /// the IO thread's measure of their progress (see [`Self::watch`]).
     progress: AtomicUsize,
@@ -199,8 +199,11 @@ impl WorkQueues {
             busy: AtomicUsize::new(0),
             running: Mutex::new(0),
             exited: Condvar::new(),
-            spare_core: cfg!(loom)
-                || std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            cores: if cfg!(loom) {
+                usize::MAX
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            },
             progress: AtomicUsize::new(0),
             io_watches: AtomicBool::new(false),
             jobs_left: AtomicBool::new(false),
@@ -209,19 +212,24 @@ impl WorkQueues {
 
     /// Whether a worker that leaves jobs behind should wake a helper for
     /// them at once. With a core to spare, yes: the helper runs beside it.
-    /// On one core a helper could only take turns with it, so the jobs wait
-    /// for the worker itself, unless it makes no progress for
-    /// [`STALL`] (a handler that blocks): the IO thread watches for that
-    /// ([`Self::watch`]) and wakes a helper then.
-    fn may_wake_helper(&self) -> bool {
-        self.spare_core
+    /// Without one (one core, or every core taken by busy workers and the
+    /// IO thread) a helper could only take turns with it, so the jobs wait
+    /// for the worker itself, unless it makes no progress for [`STALL`] (a
+    /// handler that blocks): the IO thread watches for that
+    /// ([`Self::watch`]) and wakes a helper then. `counted_busy`: whether
+    /// the asking worker is already counted in `busy`.
+    fn may_wake_helper(&self, counted_busy: bool) -> bool {
+        // Busy workers (this one among them) and the IO thread, which feeds
+        // them, are taken to hold a core each.
+        let busy = self.busy.load(Ordering::Relaxed) + usize::from(!counted_busy);
+        busy + 1 < self.cores
     }
 
     /// IO thread: whether jobs wait that a worker left without waking a
     /// helper, so it must look again within [`STALL`] rather than sleep.
     /// (Jobs the IO thread queued itself had a worker woken for them.)
     pub(crate) fn needs_watching(&self) -> bool {
-        if self.spare_core || !self.jobs_left.load(Ordering::SeqCst) {
+        if !self.jobs_left.load(Ordering::SeqCst) {
             return false;
         }
         if self.has_jobs() {
@@ -263,9 +271,6 @@ impl WorkQueues {
     /// while no request was taken. `seen` is the IO thread's record of the
     /// last progress it saw and when.
     pub(crate) fn watch(&self, seen: &mut (usize, Instant), now: Instant) {
-        if self.spare_core {
-            return;
-        }
         let progress = self.progress.load(Ordering::Relaxed);
         if progress != seen.0 || !self.has_jobs() {
             *seen = (progress, now);
@@ -590,7 +595,7 @@ fn run_one_callback(shared: &Shared) -> bool {
     // (as for requests), so a slow callback holds up only itself (on one
     // core, the IO thread passes it on if the worker stalls).
     if !queues.callbacks.is_empty() {
-        if queues.may_wake_helper() {
+        if queues.may_wake_helper(false) {
             queues.notify();
         } else {
             queues.left_jobs(shared);
@@ -626,7 +631,7 @@ fn run_one_request(shared: &Shared) -> bool {
     // never holds up the rest of its batch (on one core, the IO thread
     // passes it on if the worker stalls).
     if !queues.requests.is_empty() {
-        if queues.may_wake_helper() {
+        if queues.may_wake_helper(false) {
             queues.notify();
         } else {
             queues.left_jobs(shared);
@@ -660,7 +665,7 @@ fn run_requests(
     if requests.len() > 1 && queues.workers.load(Ordering::Relaxed) > 1 {
         let pass = queues.pass(handler, requests);
         if queues.requests.push(Job::Share(pass.clone())).is_ok() {
-            if queues.may_wake_helper() {
+            if queues.may_wake_helper(true) {
                 queues.notify();
             } else {
                 queues.left_jobs(shared);
