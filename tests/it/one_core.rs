@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::sync::mpsc;
 use std::thread;
 
-use tbnet::{ConnectionManager, Packet, Responder, Transport};
+use tbnet::{ConnectionManager, Packet, Transport};
 
 use crate::support::*;
 
@@ -40,17 +40,7 @@ fn on_one_core_a_blocked_handler_never_holds_up_the_rest_of_its_pass() {
     on_one_core(|| {
         let gate = Gate::default();
         let server = Transport::builder().workers(2).start().unwrap();
-        let addr = {
-            let gate = gate.clone();
-            server
-                .listen(loopback(), move |req: Packet, resp: Responder| {
-                    if req.pcode().get() == 1 {
-                        gate.pass();
-                    }
-                    echo(req, resp);
-                })
-                .unwrap()
-        };
+        let addr = listen_echo_gated(&server, &gate);
         let mut raw = raw_client(addr);
         // One segment, one decoded pass: the blocked request first, then
         // five that answer at once.

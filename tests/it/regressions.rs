@@ -92,17 +92,7 @@ fn replies_larger_than_requests_grew_past_max_outbound() {
 fn one_wake_per_batch_left_a_batch_behind_its_slowest_handler() {
     let gate = Gate::default();
     let server = Transport::builder().workers(4).start().unwrap();
-    let addr = {
-        let gate = gate.clone();
-        server
-            .listen(loopback(), move |req: Packet, resp: Responder| {
-                if req.pcode().get() == 1 {
-                    gate.pass();
-                }
-                echo(req, resp);
-            })
-            .unwrap()
-    };
+    let addr = listen_echo_gated(&server, &gate);
     let mut raw = raw_client(addr);
     // Both requests in one segment: one decoded batch.
     let mut both = frame(1, 1, b"slow");

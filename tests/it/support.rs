@@ -332,6 +332,20 @@ impl Gate {
     }
 }
 
+/// Listens on `transport` with an echo handler whose requests of packet
+/// code 1 first wait for `gate` (a handler that blocks).
+pub fn listen_echo_gated(transport: &Transport, gate: &Gate) -> SocketAddr {
+    let gate = gate.clone();
+    transport
+        .listen(loopback(), move |request: Packet, responder: Responder| {
+            if request.pcode().get() == 1 {
+                gate.pass();
+            }
+            echo(request, responder);
+        })
+        .expect("listen")
+}
+
 /// One frame as it travels on the wire, parsed by hand from `WIRE.md`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawFrame {

@@ -506,16 +506,7 @@ fn a_server_that_never_finishes_the_handshake_is_left_by_its_deadline() {
         .handshake_timeout(Duration::from_millis(200))
         .start()
         .unwrap();
-    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let client = {
-        let heard = heard.clone();
-        let tls = TlsClientConfig::new(&ca.pem(), "localhost").unwrap();
-        ConnectionManager::new(&client_transport)
-            .with_tls(tls)
-            .with_events(move |_: &ConnectionHandle, event: ConnectionEvent| {
-                heard.lock().unwrap().push(event);
-            })
-    };
+    let (client, heard) = tls_client_hearing_events(&client_transport, &ca);
     let result = client.call(addr, Packet::new(1, "hello?"), Some(NEVER));
     assert!(matches!(result, Err(Error::Disconnected)), "{result:?}");
     assert_eq!(client_transport.stats().handshake_failures, 1);
@@ -527,21 +518,33 @@ fn a_server_that_never_finishes_the_handshake_is_left_by_its_deadline() {
     mute.join().unwrap();
 }
 
+/// A TLS client for "localhost" whose connection events are kept.
+fn tls_client_hearing_events(
+    transport: &Transport,
+    ca: &Ca,
+) -> (
+    ConnectionManager,
+    Arc<std::sync::Mutex<Vec<ConnectionEvent>>>,
+) {
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tls = TlsClientConfig::new(&ca.pem(), "localhost").unwrap();
+    let client = {
+        let heard = heard.clone();
+        ConnectionManager::new(transport).with_tls(tls).with_events(
+            move |_: &ConnectionHandle, event: ConnectionEvent| {
+                heard.lock().unwrap().push(event);
+            },
+        )
+    };
+    (client, heard)
+}
+
 #[test]
 fn a_tls_connection_is_announced_once_its_handshake_is_done() {
     let ca = Ca::new("test CA");
     let server = tls_server(&ca);
     let client_transport = transport();
-    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let client = {
-        let heard = heard.clone();
-        let tls = TlsClientConfig::new(&ca.pem(), "localhost").unwrap();
-        ConnectionManager::new(&client_transport)
-            .with_tls(tls)
-            .with_events(move |_: &ConnectionHandle, event: ConnectionEvent| {
-                heard.lock().unwrap().push(event);
-            })
-    };
+    let (client, heard) = tls_client_hearing_events(&client_transport, &ca);
     let response = client.call(server.addr, Packet::new(1, "hello"), Some(NEVER));
     assert_eq!(response.unwrap().body(), "hello");
     stop(&client_transport);
