@@ -868,6 +868,19 @@ mod loom_tests {
     use crate::error::Error;
     use crate::transport::Transport;
 
+    /// A transport's shared state with the real worker loop running on it,
+    /// and the poller, which must live as long.
+    fn one_worker() -> (Arc<Shared>, mio::Poll, loom::thread::JoinHandle<()>) {
+        let (shared, poll) =
+            Shared::new(Transport::builder().workers(1)).expect("a poller and its waker");
+        let shared = Arc::new(shared);
+        let worker = {
+            let shared = shared.clone();
+            loom::thread::spawn(move || work(&shared))
+        };
+        (shared, poll, worker)
+    }
+
     /// How many times the callback ran, for a caller to block on.
     struct Runs {
         count: Mutex<usize>,
@@ -882,13 +895,7 @@ mod loom_tests {
     #[test]
     fn loom_worker_park_notify_never_loses_work() {
         loom::model(|| {
-            let (shared, _poll) =
-                Shared::new(Transport::builder().workers(1)).expect("a poller and its waker");
-            let shared = Arc::new(shared);
-            let worker = {
-                let shared = shared.clone();
-                loom::thread::spawn(move || work(&shared))
-            };
+            let (shared, _poll, worker) = one_worker();
             let runs = Arc::new(Runs {
                 count: Mutex::new(0),
                 changed: Condvar::new(),
@@ -945,13 +952,7 @@ mod loom_tests {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(2);
         model.check(|| {
-            let (shared, _poll) =
-                Shared::new(Transport::builder().workers(1)).expect("a poller and its waker");
-            let shared = Arc::new(shared);
-            let worker = {
-                let shared = shared.clone();
-                loom::thread::spawn(move || work(&shared))
-            };
+            let (shared, _poll, worker) = one_worker();
             let record = Arc::new(Record {
                 seen: Mutex::new(Vec::new()),
                 changed: Condvar::new(),
