@@ -240,13 +240,13 @@ fn handle_close_ends_pending_requests_both_ways() {
         == 1));
     conn.close();
     let client_side = within("the client's request", move || {
-        futures_lite_block_on(pending)
+        tokio_test::block_on(pending)
     });
     assert!(
         matches!(client_side, Err(Error::Disconnected)),
         "{client_side:?}"
     );
-    let server_side = within("the server's request", move || futures_lite_block_on(ours));
+    let server_side = within("the server's request", move || tokio_test::block_on(ours));
     assert!(
         matches!(server_side, Err(Error::Disconnected)),
         "{server_side:?}"
@@ -265,26 +265,6 @@ fn handle_close_ends_pending_requests_both_ways() {
     assert!(matches!(dropped.error(), Error::Disconnected));
     stop(&client_transport);
     stop(&transport);
-}
-
-/// Blocks on a future with a thread-parking waker.
-fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        match future.as_mut().poll(&mut context) {
-            Poll::Ready(output) => return output,
-            Poll::Pending => std::thread::park(),
-        }
-    }
 }
 
 #[test]
@@ -381,6 +361,8 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
     let gate = Mutex::new(gate);
     let calls = Arc::new(Mutex::new(0));
     let counted = calls.clone();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let released_in_hook = released.clone();
     let hook = move |_: &ConnectionHandle, event: ConnectionEvent| {
         let n = {
             let mut calls = counted.lock().unwrap();
@@ -391,8 +373,10 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
             panic!("a hook that panics");
         }
         if n == 2 && event == ConnectionEvent::Connected {
-            // Blocks until the test has been answered meanwhile.
-            let _ = gate.lock().unwrap().recv_timeout(WAIT_LIMIT);
+            // Blocks until the test has been answered meanwhile (or gave
+            // up: its sender is dropped).
+            let _ = gate.lock().unwrap().recv();
+            released_in_hook.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
     let transport = crate::support::transport();
@@ -402,16 +386,22 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
     let client_transport = crate::support::transport();
     let first = ConnectionManager::new(&client_transport);
     first.call(addr, Packet::new(1, "a"), Some(NEVER)).unwrap();
-    // A second connection, whose hook blocks: requests are still answered.
+    // A second connection, whose hook blocks: requests are still answered
+    // (within a deadline: a hook holding up IO fails the call), while the
+    // hook is still blocked.
     let second = ConnectionManager::new(&client_transport);
     assert_eq!(
         second
-            .call(addr, Packet::new(1, "b"), Some(NEVER))
+            .call(addr, Packet::new(1, "b"), Some(WAIT_LIMIT))
             .unwrap()
             .body(),
         "b"
     );
     assert!(wait_until(WAIT_LIMIT, || *calls.lock().unwrap() >= 2));
+    assert!(
+        !released.load(std::sync::atomic::Ordering::SeqCst),
+        "the hook was still blocked when the call was answered"
+    );
     release.send(()).unwrap();
     drop(first);
     assert!(
@@ -733,9 +723,7 @@ fn a_server_request_pending_at_shutdown_ends_with_shutdown() {
     let future = pending_rx.recv_timeout(WAIT_LIMIT).unwrap();
     assert_eq!(transport.stats().pending, 1);
     stop(&transport);
-    let outcome = within("the server's request", move || {
-        futures_lite_block_on(future)
-    });
+    let outcome = within("the server's request", move || tokio_test::block_on(future));
     assert!(matches!(outcome, Err(Error::Shutdown)), "{outcome:?}");
     assert_eq!(transport.stats().pending, 0);
 }

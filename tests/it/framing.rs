@@ -203,31 +203,11 @@ fn a_custom_framing_carries_channel_ids_both_ways() {
         })
         .collect();
     for (i, future) in futures.into_iter().enumerate() {
-        let back = crate::support::within("a response", move || pollster(future));
+        let back = crate::support::within("a response", move || tokio_test::block_on(future));
         assert_eq!(back.unwrap().body(), format!("WORD{i}\n").as_bytes());
     }
     stop(&client_transport);
     stop(&server);
-}
-
-fn pollster<F: std::future::Future>(future: F) -> F::Output {
-    use std::sync::Arc;
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        match future.as_mut().poll(&mut context) {
-            Poll::Ready(output) => return output,
-            Poll::Pending => std::thread::park(),
-        }
-    }
 }
 
 /// Reads one HTTP response: its head and a body of `Content-Length` bytes.
