@@ -28,6 +28,9 @@ use crate::packet::PacketCode;
 /// codes seen after these share one overflow row.
 pub const MAX_CODES: usize = 64;
 
+// The row hash takes the top bits of a product: a power of two of rows.
+const _: () = assert!(MAX_CODES.is_power_of_two());
+
 /// Buckets with a finite upper bound: four per power of two up to 2^27 µs.
 const FINITE_BUCKETS: usize = 104;
 /// The finite buckets and one for longer latencies.
@@ -209,8 +212,7 @@ impl CodeTable {
         // Fibonacci hashing: the product's top bits mix every bit of the
         // code (its low bits would be the code's own low bits).
         let start = ((pcode.get() as u32).wrapping_mul(0x9E37_79B9)
-            >> (32 - MAX_CODES.trailing_zeros())) as usize
-            % MAX_CODES;
+            >> (32 - MAX_CODES.trailing_zeros())) as usize;
         for probe in 0..MAX_CODES {
             let row = &self.rows[(start + probe) % MAX_CODES];
             match row.key.load(Ordering::Acquire) {

@@ -246,28 +246,27 @@ impl Conn {
         self.expects_responses.load(Ordering::Acquire)
     }
 
-    /// Servers: completes the request `response` answers, or hands it back
-    /// (it is a request from the client).
+    /// Servers that sent requests on this connection: completes the request
+    /// `response` answers, or hands it back (it is a request from the
+    /// client). An id with bit 31 that matches nothing is a late answer
+    /// (its request timed out or was cancelled): counted and dropped, never
+    /// taken for a request, which the handler would answer with an id the
+    /// client takes for a server-initiated packet.
     pub(crate) fn take_response(&self, response: Packet) -> Result<(), Packet> {
         // Ids this server issues carry bit 31: anything else is a request,
         // told apart without the lock.
-        if response.channel_id().get() & SERVER_BIT == 0 {
+        let id = response.channel_id();
+        if id.get() & SERVER_BIT == 0 {
             return Err(response);
         }
-        let ready = {
-            let mut state = self.state.lock();
-            if !state.pool.contains(response.channel_id()) {
-                return Err(response);
+        let ready = (self.state.lock().pool).finish(id, crate::proto::reply::classify(response));
+        match ready {
+            Some(ready) => {
+                self.shared.stats.pending_removed(1);
+                self.trace_outcomes(std::slice::from_ref(&ready));
+                self.shared.deliver_all(std::iter::once(ready));
             }
-            let id = response.channel_id();
-            state
-                .pool
-                .finish(id, crate::proto::reply::classify(response))
-        };
-        if let Some(ready) = ready {
-            self.shared.stats.pending_removed(1);
-            self.trace_outcomes(std::slice::from_ref(&ready));
-            self.shared.deliver_all(std::iter::once(ready));
+            None => self.shared.stats.late_responses(1),
         }
         Ok(())
     }

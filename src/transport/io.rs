@@ -107,10 +107,12 @@ struct IoLoop {
     gathered: Vec<(Packet, ReplyTo)>,
     /// Jobs were queued this round and no worker was woken for them yet.
     wake_workers: bool,
-    /// The workers' progress when last seen, and when (one core only).
+    /// The workers' progress when last seen, and when.
     progress_seen: (usize, Instant),
+    /// What this thread last told the workers about its watching.
+    io_watches: bool,
     /// Whether this thread has a core to spare for a worker (see
-    /// `wake_workers_for`).
+    /// `WorkQueues::may_wake_helper`).
     spare_core: bool,
 }
 
@@ -132,6 +134,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         gathered: Vec::new(),
         wake_workers: false,
         progress_seen: (0, Instant::now()),
+        io_watches: false,
         spare_core: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
     };
     let mut events = Events::with_capacity(1024);
@@ -162,9 +165,13 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         } else {
             None
         };
-        shared
-            .workers
-            .set_io_watches(timeout.is_some_and(|t| t <= super::workers::STALL));
+        // Stored only when it changes (a `SeqCst` store every turn costs a
+        // full barrier); an unchanged value is visible already.
+        let watches = timeout.is_some_and(|t| t <= super::workers::STALL);
+        if watches != io.io_watches {
+            io.io_watches = watches;
+            shared.workers.set_io_watches(watches);
+        }
         let idle = || shared.commands.is_empty() && (watching || !shared.workers.needs_watching());
         if !shared.waker.may_sleep(idle) {
             continue;
@@ -436,8 +443,12 @@ impl IoLoop {
 
     /// Queues the connection's connect event, if it is open and has hooks.
     fn announce(&mut self, token: usize) {
-        let shared = self.shared.clone();
-        let Some(c) = self.conn_mut(token) else {
+        // Called after every read: no reference counting before the cheap
+        // checks.
+        let IoLoop {
+            shared, endpoints, ..
+        } = self;
+        let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
             return;
         };
         // Announced once open: connected, and a TLS handshake done.

@@ -180,13 +180,13 @@ impl Shared {
         Ok((shared, poll))
     }
 
-    /// Hands `command` to the IO thread, waking it if it sleeps.
     /// Wakes the IO thread with no command: it looks at its deadlines and
     /// at the workers again.
     pub(crate) fn wake_io(&self) {
         self.waker.wake();
     }
 
+    /// Hands `command` to the IO thread, waking it if it sleeps.
     pub(crate) fn command(&self, command: Command) {
         self.commands.push(command);
         self.waker.wake();

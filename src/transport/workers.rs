@@ -258,8 +258,18 @@ impl WorkQueues {
         self.io_watches.store(watches, Ordering::SeqCst);
     }
 
-    /// Worker, on one core: it left jobs queued without waking a helper;
-    /// the IO thread must be watching for a stall.
+    /// Worker that leaves jobs queued: wakes a helper for them if a core is
+    /// spare, else makes sure the IO thread watches them for a stall.
+    fn pass_wake_on(&self, shared: &Shared, counted_busy: bool) {
+        if self.may_wake_helper(counted_busy) {
+            self.notify();
+        } else {
+            self.left_jobs(shared);
+        }
+    }
+
+    /// Worker with no core to spare: it left jobs queued without waking a
+    /// helper; the IO thread must be watching for a stall.
     fn left_jobs(&self, shared: &Shared) {
         self.jobs_left.store(true, Ordering::SeqCst);
         if !self.io_watches.load(Ordering::SeqCst) {
@@ -456,7 +466,6 @@ impl WorkQueues {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Wakes a parked worker, if any, for work queued before this call.
     /// Wakes a worker, or on a thread that holds its wakes (see
     /// [`hold_wakes`]) notes one for [`take_held_wake`].
     pub(crate) fn notify_or_hold(&self) {
@@ -472,6 +481,7 @@ impl WorkQueues {
         }
     }
 
+    /// Wakes a parked worker, if any, for work queued before this call.
     pub(crate) fn notify(&self) {
         fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
@@ -491,7 +501,9 @@ impl WorkQueues {
     /// A worker took `n` requests: if the IO thread paused for room, ask
     /// it to read on.
     fn took_requests(&self, shared: &Shared, n: usize) {
-        self.queued.fetch_sub(n, Ordering::SeqCst);
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::SeqCst);
+        }
         if self.io_waiting.load(Ordering::SeqCst) && self.io_waiting.swap(false, Ordering::SeqCst) {
             shared.command(Command::ResumeReading);
         }
@@ -595,11 +607,7 @@ fn run_one_callback(shared: &Shared) -> bool {
     // (as for requests), so a slow callback holds up only itself (on one
     // core, the IO thread passes it on if the worker stalls).
     if !queues.callbacks.is_empty() {
-        if queues.may_wake_helper(false) {
-            queues.notify();
-        } else {
-            queues.left_jobs(shared);
-        }
+        queues.pass_wake_on(shared, false);
     }
     run_callback(ready);
     true
@@ -616,12 +624,13 @@ fn run_one_request(shared: &Shared) -> bool {
             None => false,
         };
     };
-    queues.progress.fetch_add(1, Ordering::Relaxed);
-    // (A shared pass's requests were counted taken by the worker that
-    // shared it.)
+    // (A shared pass's requests were counted taken, and count as progress,
+    // where they are taken. Popping one still frees a place in the queue:
+    // an IO thread paused for room reads on.)
     if job.len() > 0 {
-        queues.took_requests(shared, job.len());
+        queues.progress.fetch_add(1, Ordering::Relaxed);
     }
+    queues.took_requests(shared, job.len());
     if queues.is_stopping() {
         // Shutting down: the request is dropped unanswered.
         return true;
@@ -631,11 +640,7 @@ fn run_one_request(shared: &Shared) -> bool {
     // never holds up the rest of its batch (on one core, the IO thread
     // passes it on if the worker stalls).
     if !queues.requests.is_empty() {
-        if queues.may_wake_helper(false) {
-            queues.notify();
-        } else {
-            queues.left_jobs(shared);
-        }
+        queues.pass_wake_on(shared, false);
     }
     queues.enter_busy();
     match job {
@@ -665,11 +670,7 @@ fn run_requests(
     if requests.len() > 1 && queues.workers.load(Ordering::Relaxed) > 1 {
         let pass = queues.pass(handler, requests);
         if queues.requests.push(Job::Share(pass.clone())).is_ok() {
-            if queues.may_wake_helper(true) {
-                queues.notify();
-            } else {
-                queues.left_jobs(shared);
-            }
+            queues.pass_wake_on(shared, true);
         }
         run_pass(queues, pass);
         return;
@@ -696,9 +697,10 @@ fn run_pass(queues: &WorkQueues, pass: Arc<Pass>) {
             }
             next
         };
-        if let Some(handler) = &handler {
-            run_request(handler.as_ref(), request, reply);
-        }
+        let handler = handler
+            .as_ref()
+            .expect("a pass with requests has its handler");
+        run_request(handler.as_ref(), request, reply);
     }
     queues.recycle(pass);
 }
