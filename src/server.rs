@@ -411,10 +411,11 @@ impl ListenOptions {
 /// The way back to the client for one request: reply once, now or later,
 /// from any thread.
 ///
-/// A request that arrived with channel id 0 is one-way (neither tbnet's
-/// clients nor this crate's send it; even
-/// [`post`](crate::ConnectionManager::post) takes a real id): its responder
-/// discards any reply.
+/// A request that arrived with channel id 0 is one-way: its responder
+/// discards any reply. Clients do not send it (even
+/// [`post`](crate::ConnectionManager::post) takes a real id), but a server's
+/// one-way packets ([`ConnectionHandle::post`](crate::ConnectionHandle::post))
+/// carry it.
 pub struct Responder {
     /// `None` once replied.
     reply: Option<ReplyTo>,

@@ -230,7 +230,8 @@ impl ConnectionHandle {
     /// [`Error::Disconnected`], the close hook hears
     /// [`CloseReason::Local`]. Unwritten output is dropped. Does nothing
     /// if it closed already. A client manager opens a new connection on
-    /// its next request to that server.
+    /// its next request to that server (unless it was told to stay down,
+    /// `WhileDown::StayDown`).
     pub fn close(&self) {
         if !self.conn.is_closed() {
             (self.conn.shared).command(Command::Close(self.conn.clone(), Error::Disconnected));
@@ -255,7 +256,8 @@ impl ConnectionHandle {
     /// On a server connection it carries channel id 0: the client expects
     /// to answer nothing and hands it to its default handler. On a client
     /// connection it takes a real channel id (a tbnet server aborts on id
-    /// 0), held for the default timeout (5 s); a reply is discarded and
+    /// 0), held for 5 s (not the manager's per-server default timeout); a
+    /// reply is discarded and
     /// counted in [`StatsSnapshot::post_replies`](crate::StatsSnapshot::post_replies),
     /// as for [`ConnectionManager::post`](crate::ConnectionManager::post).
     ///
@@ -283,7 +285,8 @@ impl ConnectionHandle {
     ///
     /// # Errors
     /// [`Error::Timeout`], [`Error::Disconnected`], [`Error::Shutdown`],
-    /// [`Error::QueueFull`] (256 requests pending on the connection, or its
+    /// [`Error::QueueFull`] (the connection's queue limit reached: 256 on a
+    /// server connection, the manager's on a client one; or its
     /// output at its limit), [`Error::FrameTooLarge`], or an error reply
     /// ([`Error::Remote`]).
     pub fn call(&self, request: Packet, timeout: Option<Duration>) -> Result<Packet, Error> {
