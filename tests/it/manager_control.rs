@@ -158,7 +158,10 @@ fn connect_does_not_wait_out_a_queued_reconnect_delay() {
             ..tbnet::Backoff::default()
         })
         .with_while_down(WhileDown::Queue);
-    assert!(client.connect(port.addr()).is_err(), "nobody listens yet");
+    match client.connect(port.addr()) {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
+        other => panic!("nobody listens yet: expected a refusal, got {other:?}"),
+    }
     assert_eq!(
         client.server_stats(port.addr()).unwrap().failures_in_a_row,
         1

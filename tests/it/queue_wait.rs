@@ -217,7 +217,10 @@ fn queue_limits_are_per_server_and_change_at_run_time() {
         send(a.addr, "a7").unwrap_err().error(),
         Error::QueueFull
     ));
-    assert!(client.set_queue_limit("tcp:no-port", 1).is_err());
+    assert!(matches!(
+        client.set_queue_limit("tcp:no-port", 1),
+        Err(Error::InvalidAddress { .. })
+    ));
     stop(&client_transport);
     stop(&a.transport);
     stop(&b.transport);
@@ -238,7 +241,8 @@ fn default_timeouts_are_per_server_and_change_at_run_time() {
     let started = std::time::Instant::now();
     let timed_out = client.call(a.addr, Packet::new(1, "a"), None);
     assert!(matches!(timed_out, Err(Error::Timeout)), "{timed_out:?}");
-    assert!(started.elapsed() < NEVER);
+    // a's own timeout, not the manager's default (NEVER).
+    assert!(started.elapsed() < HANG_GUARD, "{:?}", started.elapsed());
     assert_eq!(recorder.total_calls(), 0, "b keeps the manager's default");
 
     // Changed on the open connection: later requests to b use it.

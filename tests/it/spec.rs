@@ -75,13 +75,16 @@ fn bad_specs_are_refused_with_the_packet_back() {
     let refused = client
         .call_async(bad, Packet::new(1, "async"), None)
         .unwrap_err();
+    assert!(matches!(refused.error(), Error::InvalidAddress { .. }));
     assert_eq!(refused.into_inner().body(), "async");
     let refused = client.post(bad, Packet::new(1, "post")).unwrap_err();
+    assert!(matches!(refused.error(), Error::InvalidAddress { .. }));
     assert_eq!(refused.into_inner().body(), "post");
     let mut wait = tbnet::WaitObject::new();
     let refused = client
         .send_wait(bad, Packet::new(1, "wait"), None, &mut wait)
         .unwrap_err();
+    assert!(matches!(refused.error(), Error::InvalidAddress { .. }));
     assert_eq!(refused.into_inner().body(), "wait");
     assert!(
         wait.wait_all().is_empty(),
