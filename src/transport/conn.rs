@@ -678,10 +678,13 @@ impl Conn {
                     None => late += 1,
                 }
             }
-            if !buffer.is_empty() || discarded > 0 {
+            let freed = !buffer.is_empty() || discarded > 0;
+            if freed {
                 state.responded = true;
             }
-            state.room_waiters > 0
+            // Only a batch that freed slots makes room (a batch of late or
+            // unsolicited packets does not).
+            freed && state.room_waiters > 0
         };
         self.wake_room_waiters(room_waiters);
         self.shared.stats.pending_removed(buffer.len() + discarded);
