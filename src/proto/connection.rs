@@ -215,11 +215,10 @@ impl Connection {
     /// workers nor the peer are behind.
     pub fn may_decode(&self) -> bool {
         match self.phase {
+            // A memory-budget hold stops reading only: decoding what is
+            // buffered lets the buffer empty and be given back.
             Phase::Open | Phase::Draining => {
-                !self.workers_full
-                    && !self.output_full()
-                    && !self.in_flight_full()
-                    && !self.budget_held
+                !self.workers_full && !self.output_full() && !self.in_flight_full()
             }
             Phase::Connecting | Phase::Sniffing | Phase::Closing => false,
         }
@@ -319,6 +318,13 @@ impl Connection {
     /// Nothing more to read for now: lets an idle read buffer go.
     pub fn read_blocked(&mut self) {
         self.decoder.release_if_idle();
+    }
+
+    /// Lets the read buffer go, whatever its size, if it holds no input;
+    /// returns whether that freed memory (for a transport whose memory
+    /// budget is spent).
+    pub fn release_idle_input(&mut self) -> bool {
+        self.decoder.release_idle()
     }
 
     /// The peer ended its sending side. A server connection drains (what
@@ -818,7 +824,7 @@ mod tests {
     }
 
     #[test]
-    fn the_memory_budget_holds_reading_and_decoding() {
+    fn the_memory_budget_holds_reading_not_decoding() {
         let t0 = Instant::now();
         let s = DefaultStreamer::new();
         let mut c = Connection::server(t0, limits(), false);
@@ -826,9 +832,12 @@ mod tests {
         assert!(c.memory() >= c.buffered());
         c.set_budget_hold(true);
         assert_eq!(c.hold(), Some(Hold::MemoryBudget));
-        assert!(c.next_frame(&s).unwrap().is_none());
-        c.set_budget_hold(false);
+        assert!(!c.release_idle_input(), "input is buffered");
         assert!(c.next_frame(&s).unwrap().is_some());
+        c.release_idle_input();
+        assert_eq!(c.memory(), 0, "the emptied buffer holds nothing");
+        c.set_budget_hold(false);
+        assert_eq!(c.hold(), None);
     }
 
     #[test]

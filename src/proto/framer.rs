@@ -157,6 +157,18 @@ impl FrameDecoder {
         }
     }
 
+    /// Releases the buffer, whatever its size, if nothing is buffered;
+    /// returns whether it held memory. For a transport short of memory: an
+    /// idle connection then costs nothing until its next read.
+    pub fn release_idle(&mut self) -> bool {
+        if self.filled > 0 || self.buf.capacity() == 0 {
+            return false;
+        }
+        self.buf = BytesMut::new();
+        self.chunk = MIN_READ;
+        true
+    }
+
     /// Drops buffered input and releases the buffer (used when a connection
     /// is replaced: a new socket never sees stale partial input).
     pub fn reset(&mut self) {
@@ -296,6 +308,27 @@ mod tests {
             self.data = &self.data[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn an_idle_buffer_is_released_whatever_its_size_and_a_busy_one_is_kept() {
+        let s = DefaultStreamer::new();
+        let wire = encode_all(&[
+            Packet::new(1, vec![7u8; 100]),
+            Packet::new(2, vec![8u8; 100]),
+        ]);
+        let mut d = FrameDecoder::new();
+        // One whole frame and part of the next.
+        d.extend_from_slice(&wire[..wire.len() - 10]);
+        assert!(d.next_packet(&s).unwrap().is_some());
+        assert!(!d.release_idle(), "part of a frame is buffered");
+        assert!(d.capacity() > 0);
+        d.extend_from_slice(&wire[wire.len() - 10..]);
+        let held = d.next_packet(&s).unwrap().expect("the second frame");
+        d.release_idle();
+        assert_eq!((d.buffered(), d.capacity()), (0, 0));
+        assert_eq!(held.body(), &[8u8; 100][..], "packets outlive the buffer");
+        assert!(!d.release_idle(), "nothing left to release");
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! published to the stats once per loop turn.
 //!
 //! While the budget is spent, a connection holding at least its fair share
-//! (the budget divided by the open connections) is not read and its
-//! requests are not decoded (so it makes no new replies); connections
-//! below their share keep being served. Held connections are read again
-//! once the total is back under the budget. Since a connection reads at
+//! (the budget divided by the open connections) is not read; connections
+//! below their share keep being served. A held connection still decodes
+//! and answers the whole requests it holds, and every connection whose
+//! read buffer is empty gives the buffer back (so idle buffers, which a
+//! burst may have grown, cannot keep the budget spent on their own). A
+//! held connection is read again once the total is back under the budget,
+//! or once its own charge is under its share. Since a connection reads at
 //! most one read chunk at a time, and only while the budget has room or it
 //! holds less than its share, the buffers counted here never exceed twice
 //! the budget plus one read chunk per connection.
@@ -21,6 +24,9 @@ pub(crate) struct Budget {
     used: usize,
     /// Connections (IO tokens) held because the budget was spent.
     held: Vec<usize>,
+    /// Idle read buffers were given back since the budget was last under
+    /// its limit (once per time it is spent: that walks every connection).
+    swept: bool,
 }
 
 impl Budget {
@@ -29,6 +35,7 @@ impl Budget {
             limit: limit.max(1),
             used: 0,
             held: Vec::new(),
+            swept: false,
         }
     }
 
@@ -55,9 +62,28 @@ impl Budget {
         self.held.push(token);
     }
 
-    /// The connections to read again, once the budget has room.
-    pub(crate) fn release(&mut self) -> Option<Vec<usize>> {
-        (self.used < self.limit && !self.held.is_empty()).then(|| std::mem::take(&mut self.held))
+    /// Whether the buffers hold the whole budget or more.
+    pub(crate) fn spent(&self) -> bool {
+        self.used >= self.limit
+    }
+
+    /// Whether idle buffers should be given back now: the budget is spent
+    /// and they were not given back since it last had room.
+    pub(crate) fn should_sweep(&mut self) -> bool {
+        if !self.spent() {
+            self.swept = false;
+            return false;
+        }
+        !std::mem::replace(&mut self.swept, true)
+    }
+
+    /// The held connections, to be looked at again (each one either goes
+    /// back to reading or is [`hold`](Self::hold)'s again).
+    pub(crate) fn take_held(&mut self) -> Vec<usize> {
+        if !self.spent() {
+            self.swept = false;
+        }
+        std::mem::take(&mut self.held)
     }
 }
 
@@ -75,11 +101,25 @@ mod tests {
         assert_eq!(budget.used(), 1000);
         assert!(!budget.may_grow(big, 2), "the big one holds more than half");
         assert!(budget.may_grow(small, 2), "the small one is still served");
+        assert!(budget.spent());
+        assert!(
+            budget.should_sweep(),
+            "idle buffers go once the budget is spent"
+        );
+        assert!(!budget.should_sweep(), "once per time it is spent");
         budget.hold(7);
-        assert_eq!(budget.release(), None);
+        assert_eq!(budget.take_held(), vec![7]);
+        assert!(
+            !budget.may_grow(big, 2),
+            "still above its share: held again"
+        );
+        budget.hold(7);
         budget.recharge(&mut big, 100);
         assert_eq!(budget.used(), 200);
-        assert_eq!(budget.release(), Some(vec![7]));
-        assert_eq!(budget.release(), None);
+        assert!(budget.may_grow(big, 2));
+        assert_eq!(budget.take_held(), vec![7]);
+        assert!(budget.take_held().is_empty());
+        budget.recharge(&mut small, 900);
+        assert!(budget.should_sweep(), "spent again: another sweep");
     }
 }

@@ -209,14 +209,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if shared.workers.needs_watching() {
             shared.workers.watch(&mut io.progress_seen, Instant::now());
         }
-        if let Some(held) = io.budget.release() {
-            for token in held {
-                if let Some(c) = io.conn_mut(token) {
-                    c.state.set_budget_hold(false);
-                    io.read(token);
-                }
-            }
-        }
+        io.release_budget_holds();
         shared.stats.set_memory(io.budget.used());
         shared.metrics.server.flush_deferred();
     }
@@ -711,6 +704,18 @@ impl IoLoop {
                 return;
             }
             if !self.budget.may_grow(c.charged, conns) {
+                // Short of memory: this connection's emptied buffer goes
+                // back first, then (once per time the budget is spent)
+                // every idle connection's.
+                if c.state.release_idle_input() {
+                    let memory = c.state.memory();
+                    self.budget.recharge(&mut c.charged, memory);
+                    continue;
+                }
+                if self.budget.should_sweep() {
+                    self.give_back_idle_buffers();
+                    continue;
+                }
                 tracing::debug!(peer = %c.conn.peer(), holds = c.charged, "memory budget spent; pausing the connection");
                 c.state.set_budget_hold(true);
                 self.budget.hold(token);
@@ -765,6 +770,9 @@ impl IoLoop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.state.read_blocked();
+                    if self.budget.spent() {
+                        c.state.release_idle_input();
+                    }
                     let memory = c.state.memory();
                     self.budget.recharge(&mut c.charged, memory);
                     return;
@@ -853,6 +861,49 @@ impl IoLoop {
                         return result;
                     }
                 }
+            }
+        }
+    }
+
+    /// The memory budget is spent: every connection with an empty read
+    /// buffer gives it back (a burst may have grown it; idle, it would keep
+    /// the budget spent and held connections waiting).
+    fn give_back_idle_buffers(&mut self) {
+        let mut freed = 0;
+        for (_, endpoint) in self.endpoints.iter_mut() {
+            if let Endpoint::Conn(c) = endpoint {
+                if c.state.release_idle_input() {
+                    let memory = c.state.memory();
+                    self.budget.recharge(&mut c.charged, memory);
+                    freed += 1;
+                }
+            }
+        }
+        tracing::debug!(
+            freed,
+            used = self.budget.used(),
+            "memory budget spent; idle read buffers given back"
+        );
+    }
+
+    /// Reads again from the connections held for the memory budget that
+    /// may grow now: all of them once the total is under the budget, else
+    /// those whose own charge fell under their share. The rest stay held.
+    fn release_budget_holds(&mut self) {
+        let held = self.budget.take_held();
+        if held.is_empty() {
+            return;
+        }
+        let conns = self.endpoints.len();
+        for token in held {
+            let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
+                continue;
+            };
+            if self.budget.may_grow(c.charged, conns) {
+                c.state.set_budget_hold(false);
+                self.read(token);
+            } else {
+                self.budget.hold(token);
             }
         }
     }

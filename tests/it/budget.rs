@@ -87,3 +87,47 @@ fn peers_that_never_read_share_one_budget_and_others_are_served() {
     stop(&client_transport);
     stop(&server);
 }
+
+/// Idle connections whose read buffers grew in a burst keep the budget
+/// spent on their own. A connection held in the middle of a large request
+/// must still get it whole and answered: the idle buffers are given back
+/// rather than the held request waiting for its deadline.
+#[test]
+fn idle_buffers_give_way_to_a_connection_held_mid_request() {
+    const BUDGET: usize = 256 * 1024;
+    const IDLE: usize = 8;
+    let server = Transport::builder()
+        .workers(1)
+        .dispatch(Dispatch::IoThread)
+        .read_chunk(READ_CHUNK)
+        .memory_budget(BUDGET)
+        .start()
+        .unwrap();
+    let addr = server.listen(loopback(), echo).unwrap();
+
+    // Each idle peer sends a burst of small requests in one write (its
+    // buffer grows with reads that fill it), reads every reply, then stays
+    // connected and silent.
+    let burst: Vec<u8> = (1..=64u32)
+        .flat_map(|i| frame(i, 9, &[b'b'; 1000]))
+        .collect();
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        let mut peer = raw_client(addr);
+        peer.write_all(&burst).unwrap();
+        for i in 1..=64u32 {
+            assert_eq!(read_frame(&mut peer).unwrap().chid, i);
+        }
+        idle.push(peer);
+    }
+
+    // One request far larger than a connection's share of the budget.
+    let mut peer = raw_client(addr);
+    let body = vec![b'L'; 2 * READ_CHUNK];
+    peer.write_all(&frame(77, 9, &body)).unwrap();
+    let reply = read_frame(&mut peer).expect("the held request is answered");
+    assert_eq!(reply.chid, 77);
+    assert_eq!(reply.body, body);
+    drop(idle);
+    stop(&server);
+}
