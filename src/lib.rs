@@ -564,8 +564,8 @@ pub use service::{ErrorReply, ERROR_BAD_RESPONSE};
 pub use transport::{
     AllowList, Cidr, CidrParseError, CloseReason, ConnectionEvent, ConnectionEvents,
     ConnectionHandle, StatsSnapshot, Transport, TransportBuilder, DEFAULT_BUDGET_CONNECTIONS,
-    DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_OUTBOUND,
+    DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IO_SPIN,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_OUTBOUND,
 };
 #[cfg(feature = "tls")]
 pub use transport::{TlsClientConfig, TlsServerConfig};

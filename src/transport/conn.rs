@@ -264,7 +264,7 @@ impl Conn {
             Some(ready) => {
                 self.shared.stats.pending_removed(1);
                 self.trace_outcomes(std::slice::from_ref(&ready));
-                self.shared.deliver_all(std::iter::once(ready));
+                let _ = self.shared.deliver_all(std::iter::once(ready));
             }
             None => self.shared.stats.late_responses(1),
         }
@@ -861,7 +861,7 @@ impl Cancel for Conn {
         if let Some(ready) = cancelled {
             self.wake_room_waiters(room_waiters);
             self.shared.stats.pending_removed(1);
-            self.shared.deliver_all(std::iter::once(ready));
+            let _ = self.shared.deliver_all(std::iter::once(ready));
         }
     }
 }

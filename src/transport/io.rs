@@ -48,6 +48,10 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Slices handed to one `write_vectored` call.
 const MAX_IOVECS: usize = 64;
 
+/// The most events a round may have handled for the IO thread to poll
+/// without sleeping after it (a light load, where latency is what counts).
+const SPIN_MAX_EVENTS: usize = 2;
+
 // Nearly every endpoint is a connection: boxing it would only add an
 // indirection per event.
 #[allow(clippy::large_enum_variant)]
@@ -114,6 +118,11 @@ struct IoLoop {
     /// Whether this thread has a core to spare for a worker (see
     /// `WorkQueues::may_wake_helper`).
     spare_core: bool,
+    /// This round handed work to another thread (requests to workers,
+    /// responses to their callers) whose answer comes back as a command.
+    handed_off: bool,
+    /// Until when this thread polls without sleeping, for that answer.
+    spin_until: Option<Instant>,
 }
 
 /// The `tbnet-io` thread's body.
@@ -136,6 +145,8 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         progress_seen: (0, Instant::now()),
         io_watches: false,
         spare_core: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+        handed_off: false,
+        spin_until: None,
     };
     let mut events = Events::with_capacity(1024);
     // Requests answered on this thread are counted before each write (see
@@ -156,7 +167,12 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         // On one core, jobs left queued behind a worker are watched for a
         // stall (`WorkQueues::watch`).
         let watching = shared.workers.needs_watching();
-        let timeout = if !io.again.is_empty() {
+        // After handing work to another thread, with a core to spare, poll
+        // without sleeping for a while: its answer (a reply or the next
+        // request) then needs no wakeup, on either side.
+        let spinning = io.spin_until.is_some_and(|until| Instant::now() < until)
+            && shared.workers.core_for_io_spin();
+        let timeout = if !io.again.is_empty() || spinning {
             Some(Duration::ZERO)
         } else if watching {
             Some(super::workers::STALL)
@@ -173,10 +189,16 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
             shared.workers.set_io_watches(watches);
         }
         let idle = || shared.commands.is_empty() && (watching || !shared.workers.needs_watching());
-        if !shared.waker.may_sleep(idle) {
+        if !spinning && !shared.waker.may_sleep(idle) {
             continue;
         }
         let polled = io.poll.poll(&mut events, timeout);
+        if spinning && polled.is_ok() && events.is_empty() && io.again.is_empty() {
+            // Nothing yet: other threads on this core go first, then look
+            // again (commands at the top of the loop).
+            std::thread::yield_now();
+            continue;
+        }
         shared.waker.awake();
         shared.stats.poll_wakeup();
         if let Err(e) = polled {
@@ -192,7 +214,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         // are queued). On one core, every wake waits for the round's end:
         // an early one would only switch this thread out.
         let mut woke = false;
+        let mut handled = 0;
         for event in events.iter() {
+            handled += 1;
             io.handle_event(event);
             if io.spare_core && io.wake_workers && !woke {
                 io.wake_workers = false;
@@ -202,6 +226,15 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
         for token in std::mem::take(&mut io.again) {
             io.read(token);
+        }
+        // Only after a light round: under load the next events come
+        // anyway, and polling would take time the other threads need.
+        if std::mem::take(&mut io.handed_off)
+            && io.spare_core
+            && handled <= SPIN_MAX_EVENTS
+            && !shared.config.io_spin.is_zero()
+        {
+            io.spin_until = Some(Instant::now() + shared.config.io_spin);
         }
         for token in std::mem::take(&mut io.accept_retry) {
             io.accept(token);
@@ -802,6 +835,7 @@ impl IoLoop {
             refusals,
             gathered,
             wake_workers,
+            handed_off,
             ..
         } = self;
         let Some(Endpoint::Conn(c)) = endpoints.get_mut(token) else {
@@ -826,7 +860,9 @@ impl IoLoop {
                 if !responses.is_empty() {
                     let outcomes =
                         (c.conn).complete_responses(responses, std::mem::take(completed));
-                    *completed = outcomes.deliver();
+                    let elsewhere;
+                    (*completed, elsewhere) = outcomes.deliver();
+                    *handed_off |= elsewhere;
                 }
                 decoded
             }
@@ -857,6 +893,7 @@ impl IoLoop {
                         && result.is_ok()
                         && c.state.in_flight_room() > 0;
                     if !again {
+                        *handed_off |= batch.queued_jobs;
                         batch.finish();
                         return result;
                     }

@@ -32,21 +32,21 @@ impl<'s> Outcomes<'s> {
         &self.readies
     }
 
-    /// Delivers every outcome and hands back the empty buffer for reuse.
-    pub(crate) fn deliver(mut self) -> Vec<Ready> {
-        self.deliver_all();
-        std::mem::take(&mut self.readies)
+    /// Delivers every outcome and hands back the empty buffer for reuse,
+    /// with whether another thread was given one (see
+    /// [`Shared::deliver_all`]).
+    pub(crate) fn deliver(mut self) -> (Vec<Ready>, bool) {
+        let handed_off = self.deliver_all();
+        (std::mem::take(&mut self.readies), handed_off)
     }
 
-    fn deliver_all(&mut self) {
-        if !self.readies.is_empty() {
-            self.shared.deliver_all(self.readies.drain(..));
-        }
+    fn deliver_all(&mut self) -> bool {
+        !self.readies.is_empty() && self.shared.deliver_all(self.readies.drain(..))
     }
 }
 
 impl Drop for Outcomes<'_> {
     fn drop(&mut self) {
-        self.deliver_all();
+        let _ = self.deliver_all();
     }
 }

@@ -225,6 +225,12 @@ impl WorkQueues {
         busy + 1 < self.cores
     }
 
+    /// IO thread: whether a core is spare for it to poll without sleeping
+    /// (busy workers and the IO thread fit in the cores).
+    pub(crate) fn core_for_io_spin(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) < self.cores
+    }
+
     /// IO thread: whether jobs wait that a worker left without waking a
     /// helper, so it must look again within [`STALL`] rather than sleep.
     /// (Jobs the IO thread queued itself had a worker woken for them.)

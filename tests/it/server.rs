@@ -264,3 +264,66 @@ fn idle_connections_are_closed_by_the_server_and_the_client_reconnects() {
         "a peer that never sent anything is closed too"
     );
 }
+
+/// The IO thread's polling after a hand-off (`io_spin`) changes when it
+/// sleeps, never what it delivers: with it off, at its default and at its
+/// longest, on both sides, every reply, callback and future arrives, and
+/// a transport polling when told to stop still stops.
+#[test]
+fn every_io_spin_setting_delivers_every_reply_and_stops() {
+    for spin in [
+        Duration::ZERO,
+        tbnet::DEFAULT_IO_SPIN,
+        Duration::from_secs(1),
+    ] {
+        let builder = || Transport::builder().workers(2).io_spin(spin);
+        let server = builder().dispatch(Dispatch::Workers).start().unwrap();
+        let addr = server.listen(loopback(), echo).unwrap();
+        let client_transport = builder().start().unwrap();
+        let client = Arc::new(ConnectionManager::new(&client_transport));
+        for i in 0..100 {
+            let body = format!("call {i}");
+            let reply = client.call(addr, Packet::new(1, body.clone()), Some(NEVER));
+            assert_eq!(reply.unwrap().body(), body.as_bytes(), "spin {spin:?}");
+        }
+        // Callbacks on the client's workers, each sending the next request.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        chain(&client, addr, 0, 50, done_tx);
+        let last = done_rx.recv_timeout(WAIT_LIMIT).expect("the chain ends");
+        assert_eq!(last, Ok(50), "spin {spin:?}");
+        let future = client.call_async(addr, Packet::new(1, "future"), Some(NEVER));
+        let reply = tokio_test::block_on(future.expect("queued")).unwrap();
+        assert_eq!(reply.body(), &b"future"[..]);
+        stop(&client_transport);
+        stop(&server);
+    }
+}
+
+/// Sends request `i`; its callback checks the echo and sends the next,
+/// until `n`, then reports how far it got (or the first error).
+fn chain(
+    client: &Arc<ConnectionManager>,
+    addr: SocketAddr,
+    i: usize,
+    n: usize,
+    done: std::sync::mpsc::Sender<Result<usize, String>>,
+) {
+    if i == n {
+        let _ = done.send(Ok(n));
+        return;
+    }
+    let body = format!("link {i}");
+    let next = client.clone();
+    let sent = client.send(
+        addr,
+        Packet::new(1, body.clone()),
+        Some(NEVER),
+        move |result: Result<Packet, Error>| match result {
+            Ok(reply) if reply.body() == body.as_bytes() => chain(&next, addr, i + 1, n, done),
+            other => {
+                let _ = done.send(Err(format!("link {i}: {other:?}")));
+            }
+        },
+    );
+    assert!(sent.is_ok(), "link {i} sent");
+}
