@@ -964,10 +964,7 @@ impl ConnectionManager {
                     request = packet;
                     completion = back;
                 }
-                Err(rejected) => {
-                    rejected.completion.disarm();
-                    return Err(SendError::new(rejected.error, rejected.packet));
-                }
+                Err(rejected) => return Err(rejected.into()),
             }
         }
         unreachable!("the second attempt always returns")

@@ -75,6 +75,15 @@ pub(crate) struct Rejected {
     pub(crate) completion: Completion,
 }
 
+impl From<Rejected> for SendError<Packet> {
+    /// The caller's error: the packet handed back, the completion disarmed
+    /// (the caller hears of the refusal from this error, not from it).
+    fn from(rejected: Rejected) -> Self {
+        rejected.completion.disarm();
+        SendError::new(rejected.error, rejected.packet)
+    }
+}
+
 pub(crate) struct Conn {
     peer: SocketAddr,
     side: Side,

@@ -21,7 +21,7 @@ use crate::packet::{ChannelId, Packet};
 use crate::proto::Side;
 use crate::sync::Mutex;
 
-use super::conn::{Conn, Rejected};
+use super::conn::Conn;
 use super::handler::RequestHandler;
 use super::Command;
 
@@ -343,17 +343,9 @@ impl ConnectionHandle {
         // Before the request can be written: its response will find the
         // flag set.
         self.conn.expect_responses();
-        match self.conn.submit(request, sent, deadline, completion, None) {
-            Ok(id) => Ok(id),
-            Err(Rejected {
-                error,
-                packet,
-                completion,
-            }) => {
-                completion.disarm();
-                Err(SendError::new(error, packet))
-            }
-        }
+        (self.conn)
+            .submit(request, sent, deadline, completion, None)
+            .map_err(SendError::from)
     }
 }
 

@@ -45,32 +45,36 @@ fn running_out_of_descriptors_costs_no_established_connection() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the child");
+    // Drained while it runs: output larger than a pipe holds must not
+    // stall the child.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
     let deadline = Instant::now() + 2 * HANG_GUARD;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            break Some(status);
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the child still ran after {:?}", 2 * HANG_GUARD);
+            break None;
         }
         thread::sleep(Duration::from_millis(20));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let Some(status) = status else {
+        panic!(
+            "the child still ran after {:?}:\n{out}\n{err}",
+            2 * HANG_GUARD
+        );
+    };
     assert!(status.success(), "child failed:\n{out}\n{err}");
     assert!(
         out.contains(CHILD_OK),

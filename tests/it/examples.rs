@@ -15,7 +15,7 @@ pub fn run_client(args: &[&str]) -> Vec<(String, String)> {
 
 /// Runs `echo_client` with `args`: whether it exited 0, and its JSON
 /// line's fields.
-fn try_client(args: &[&str]) -> (bool, Vec<(String, String)>) {
+pub fn try_client(args: &[&str]) -> (bool, Vec<(String, String)>) {
     let output = Command::new(example_binary("echo_client"))
         .args(args)
         .args(["--secs", "0.3", "--json"])
@@ -49,6 +49,21 @@ pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
         .unwrap_or_else(|| panic!("no {key} in {fields:?}"))
+}
+
+/// An `echo_client` run the server refused: it exited non-zero, and its
+/// JSON line says every request failed (not a crash or a usage error,
+/// which print no such line).
+pub fn assert_refused(ok: bool, fields: &[(String, String)]) {
+    assert!(!ok, "the client was served: {fields:?}");
+    let errors: u64 = field(fields, "errors").parse().unwrap();
+    assert!(errors > 0, "{fields:?}");
+    assert_eq!(
+        field(fields, "requests"),
+        errors.to_string(),
+        "every request failed"
+    );
+    assert_eq!(field(fields, "rps"), "0.0");
 }
 
 pub fn assert_clean_run(fields: &[(String, String)]) {
@@ -134,11 +149,8 @@ fn echo_server_admits_only_its_allow_list_and_connection_limit() {
             "::1",
         ],
     );
-    let refused = Command::new(example_binary("echo_client"))
-        .args(["--addr", &addr.to_string(), "--secs", "0.2", "--json"])
-        .output()
-        .expect("run the echo_client example");
-    assert!(!refused.status.success(), "a peer off the list was served");
+    let (ok, fields) = try_client(&["--addr", &addr.to_string()]);
+    assert_refused(ok, &fields);
     closed.kill().unwrap();
     closed.wait().unwrap();
 
@@ -155,11 +167,16 @@ fn echo_server_admits_only_its_allow_list_and_connection_limit() {
     );
     let fields = run_client(&["--addr", &addr.to_string(), "--conns", "2"]);
     assert_clean_run(&fields);
-    let over = Command::new(example_binary("echo_client"))
-        .args(["--addr", &addr.to_string(), "--conns", "3", "--secs", "0.2"])
-        .output()
-        .expect("run the echo_client example");
-    assert!(!over.status.success(), "a third connection was served");
+    // Two of the three connections are served; the third's requests fail.
+    let (ok, fields) = try_client(&["--addr", &addr.to_string(), "--conns", "3"]);
+    assert!(!ok, "a third connection was served: {fields:?}");
+    let count = |key| field(&fields, key).parse::<u64>().unwrap();
+    assert!(count("errors") > 0, "{fields:?}");
+    assert!(
+        count("requests") > count("errors"),
+        "the first two connections were served: {fields:?}"
+    );
+    assert_eq!(field(&fields, "mismatches"), "0");
     open.kill().unwrap();
     open.wait().unwrap();
 }

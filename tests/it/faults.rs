@@ -30,16 +30,42 @@ pub fn example_binary(name: &str) -> PathBuf {
     path
 }
 
+/// A child process that is killed (and reaped) when dropped, so a test
+/// that fails before it kills its server leaves no process behind.
+pub struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Both fail harmlessly if the test killed and reaped it already.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the example `name` with `args` as a child process; returns it once
 /// it printed `listening on ADDR`.
-pub fn spawn_listening(name: &str, args: &[&str]) -> (Child, SocketAddr) {
+pub fn spawn_listening(name: &str, args: &[&str]) -> (Spawned, SocketAddr) {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(example_binary(name))
+    let child = Command::new(example_binary(name))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn the {name} example: {e}"));
+    let mut child = Spawned(child);
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout)
@@ -55,7 +81,7 @@ pub fn spawn_listening(name: &str, args: &[&str]) -> (Child, SocketAddr) {
 }
 
 /// Starts the `echo_server` example on a free port.
-pub fn spawn_echo_server(workers: usize) -> (Child, SocketAddr) {
+pub fn spawn_echo_server(workers: usize) -> (Spawned, SocketAddr) {
     spawn_listening(
         "echo_server",
         &["--addr", "127.0.0.1:0", "--workers", &workers.to_string()],

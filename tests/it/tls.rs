@@ -241,18 +241,29 @@ fn an_untrusted_ca_is_refused() {
 fn bad_pem_is_a_configuration_error() {
     let ca = Ca::new("test CA");
     let issued = ca.server();
-    assert!(matches!(
-        TlsServerConfig::new(b"not pem", issued.key.as_bytes()),
-        Err(Error::Io(_))
-    ));
-    assert!(TlsServerConfig::new(issued.cert.as_bytes(), b"").is_err());
+    // Every refusal is the documented `Io(InvalidInput)`.
+    let invalid_input = |result: Result<(), Error>, what: &str| match result {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{what}"),
+        other => panic!("{what}: {other:?}"),
+    };
     let other = ca.client();
-    assert!(
-        TlsServerConfig::new(issued.cert.as_bytes(), other.key.as_bytes()).is_err(),
-        "a key that does not match the certificate"
+    invalid_input(
+        TlsServerConfig::new(b"not pem", issued.key.as_bytes()).map(drop),
+        "no certificate",
     );
-    assert!(TlsClientConfig::new(b"", "localhost").is_err());
-    assert!(TlsClientConfig::new(&ca.pem(), "not a name!").is_err());
+    invalid_input(
+        TlsServerConfig::new(issued.cert.as_bytes(), b"").map(drop),
+        "no key",
+    );
+    invalid_input(
+        TlsServerConfig::new(issued.cert.as_bytes(), other.key.as_bytes()).map(drop),
+        "a key that does not match the certificate",
+    );
+    invalid_input(TlsClientConfig::new(b"", "localhost").map(drop), "no CA");
+    invalid_input(
+        TlsClientConfig::new(&ca.pem(), "not a name!").map(drop),
+        "not a server name",
+    );
 }
 
 /// A raw TLS client (rustls over a blocking socket), trusting `ca`.
@@ -449,8 +460,8 @@ impl Drop for TempDir {
 
 #[test]
 fn the_echo_pair_speaks_mutual_tls_through_its_flags() {
-    use crate::examples::{assert_clean_run, run_client};
-    use crate::faults::{example_binary, spawn_listening};
+    use crate::examples::{assert_clean_run, assert_refused, run_client, try_client};
+    use crate::faults::spawn_listening;
 
     let ca = Ca::new("test CA");
     let server_cert = ca.server();
@@ -494,11 +505,8 @@ fn the_echo_pair_speaks_mutual_tls_through_its_flags() {
     ]);
     assert_clean_run(&fields);
     // Without a client certificate it does not get in.
-    let refused = std::process::Command::new(example_binary("echo_client"))
-        .args(["--addr", &addr, "--tls-ca", &ca_pem, "--secs", "0.2"])
-        .output()
-        .expect("run the echo_client example");
-    assert!(!refused.status.success(), "served without a certificate");
+    let (ok, fields) = try_client(&["--addr", &addr, "--tls-ca", &ca_pem]);
+    assert_refused(ok, &fields);
     server.kill().unwrap();
     server.wait().unwrap();
 }
