@@ -187,6 +187,11 @@ impl Conn {
         self.take_output(into)
     }
 
+    /// IO thread: the in-flight hold lifted; answers need not wake it.
+    pub(crate) fn stop_awaiting_answers(&self) {
+        self.state.lock().awaiting_answers = false;
+    }
+
     /// Frames this connection with `codec` instead of the transport's.
     pub(crate) fn with_codec(mut self, codec: Option<Codec>) -> Self {
         if let Some(codec) = codec {

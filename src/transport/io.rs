@@ -87,6 +87,9 @@ struct IoConn {
     charged: usize,
     /// Its connect event was queued: its close event will be too.
     announced: bool,
+    /// It told its `Conn` that every answer should wake this thread (an
+    /// in-flight hold), and has not taken that back.
+    awaiting_answers: bool,
 }
 
 struct IoLoop {
@@ -454,6 +457,7 @@ impl IoLoop {
             listener,
             charged: 0,
             announced: false,
+            awaiting_answers: false,
         }));
         self.shared.stats.connection_opened();
         if listener.is_some() {
@@ -728,6 +732,7 @@ impl IoLoop {
                     // Answers may have come meanwhile; the ones after this
                     // wake the IO thread.
                     let answered = c.conn.await_answers(c.state.out());
+                    c.awaiting_answers = true;
                     c.state.set_answered(answered);
                     if c.state.hold().is_none() {
                         continue;
@@ -735,6 +740,10 @@ impl IoLoop {
                     self.shared.stats.in_flight_hold();
                 }
                 return;
+            }
+            if std::mem::take(&mut c.awaiting_answers) {
+                // Reading again: answers need not wake this thread.
+                c.conn.stop_awaiting_answers();
             }
             if !self.budget.may_grow(c.charged, conns) {
                 // Short of memory: this connection's emptied buffer goes
