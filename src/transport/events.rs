@@ -231,11 +231,20 @@ impl ConnectionHandle {
     /// [`CloseReason::Local`]. Unwritten output is dropped. Does nothing
     /// if it closed already. A client manager opens a new connection on
     /// its next request to that server (unless it was told to stay down,
-    /// `WhileDown::StayDown`).
+    /// `WhileDown::StayDown`), at once: like
+    /// [`ConnectionManager::disconnect`](crate::ConnectionManager::disconnect),
+    /// this close is no failure of the server's and grows no reconnect
+    /// backoff.
     pub fn close(&self) {
-        if !self.conn.is_closed() {
-            (self.conn.shared).command(Command::Close(self.conn.clone(), Error::Disconnected));
+        if self.conn.is_closed() {
+            return;
         }
+        // The owner's close, as `ConnectionManager::disconnect`: it says
+        // nothing about the peer's health, so a client's reconnect backoff
+        // does not grow. Pending requests fail now; the IO thread then
+        // drops the socket.
+        drop(self.conn.close_by_owner());
+        (self.conn.shared).command(Command::Close(self.conn.clone(), Error::Disconnected));
     }
 
     /// Closes the connection once everything queued on it so far is

@@ -179,3 +179,41 @@ fn connect_does_not_wait_out_a_queued_reconnect_delay() {
     stop(&client_transport);
     stop(&server.transport);
 }
+
+#[test]
+fn closing_a_client_connection_by_its_handle_is_no_failure_of_the_server() {
+    let server = echo_server();
+    let client_transport = transport();
+    // The handle of the connection that opened last.
+    let opened = Arc::new(std::sync::Mutex::new(None));
+    let hook = opened.clone();
+    // A failure would hold the next connection back for a minute or more.
+    let client = ConnectionManager::new(&client_transport)
+        .with_events(move |conn: &tbnet::ConnectionHandle, event| {
+            if event == tbnet::ConnectionEvent::Connected {
+                *hook.lock().unwrap() = Some(conn.clone());
+            }
+        })
+        .with_backoff(tbnet::Backoff {
+            initial: Duration::from_secs(120),
+            max: Duration::from_secs(120),
+            ..tbnet::Backoff::default()
+        });
+    // Open, and closed before it proved healthy (no response yet).
+    client.connect(server.addr).expect("connect");
+    assert!(wait_until(WAIT_LIMIT, || opened.lock().unwrap().is_some()));
+    let handle = opened.lock().unwrap().take().unwrap();
+    handle.close();
+    assert!(wait_until(WAIT_LIMIT, || !client.is_alive(server.addr)));
+
+    let stats = client.server_stats(server.addr).unwrap();
+    assert_eq!((stats.early_failures, stats.failures_in_a_row), (0, 0));
+    let reply = client.call(server.addr, Packet::new(1, "again"), Some(NEVER));
+    assert_eq!(reply.expect("reconnects at once").body(), &b"again"[..]);
+    assert_eq!(
+        client.server_stats(server.addr).unwrap().connect_attempts,
+        2
+    );
+    stop(&client_transport);
+    stop(&server.transport);
+}
