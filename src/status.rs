@@ -199,7 +199,7 @@ pub(crate) fn respond(request: &Request, page: &Page) -> Bytes {
 fn counters(
     stats: &StatsSnapshot,
     uptime: Duration,
-) -> [(&'static str, &'static str, &'static str, f64); 29] {
+) -> [(&'static str, &'static str, &'static str, f64); 30] {
     [
         (
             "connections",
@@ -362,6 +362,12 @@ fn counters(
             "counter",
             "Connections paused at their limit of requests in flight",
             stats.in_flight_holds as f64,
+        ),
+        (
+            "budget_releases_total",
+            "counter",
+            "Empty read buffers given back because the memory budget was spent",
+            stats.budget_releases as f64,
         ),
         (
             "worker_queue",

@@ -259,6 +259,11 @@ impl Connection {
         self.budget_held = held;
     }
 
+    /// Whether [`set_budget_hold`](Self::set_budget_hold) stopped reading.
+    pub fn budget_held(&self) -> bool {
+        self.budget_held
+    }
+
     /// Memory this connection's buffers hold: the read buffer's capacity
     /// and the unwritten output.
     pub fn memory(&self) -> usize {

@@ -14,8 +14,10 @@
 //! held connection is read again once the total is back under the budget,
 //! or once its own charge is under its share. Since a connection reads at
 //! most one read chunk at a time, and only while the budget has room or it
-//! holds less than its share, the buffers counted here never exceed twice
-//! the budget plus one read chunk per connection.
+//! holds less than its share, the input buffers counted here never exceed
+//! twice the budget plus one read chunk per connection; the output of each
+//! connection (replies to what it had read, including a held connection's)
+//! stays under its own `max_outbound`.
 
 /// The transport's memory budget and the connections it holds.
 #[derive(Debug)]
@@ -24,9 +26,14 @@ pub(crate) struct Budget {
     used: usize,
     /// Connections (IO tokens) held because the budget was spent.
     held: Vec<usize>,
-    /// Idle read buffers were given back since the budget was last under
-    /// its limit (once per time it is spent: that walks every connection).
+    /// Idle read buffers were given back since the budget was last well
+    /// under its limit (once per time it is spent: that walks every
+    /// connection).
     swept: bool,
+    /// A connection's charge fell since the held ones were last looked at.
+    gave_back: bool,
+    /// Connections open when the held ones were last looked at.
+    looked_at: usize,
 }
 
 impl Budget {
@@ -36,6 +43,8 @@ impl Budget {
             used: 0,
             held: Vec::new(),
             swept: false,
+            gave_back: false,
+            looked_at: 0,
         }
     }
 
@@ -47,6 +56,7 @@ impl Budget {
     /// A connection's buffers now hold `now` bytes; `charged` is what they
     /// held before, and becomes `now`.
     pub(crate) fn recharge(&mut self, charged: &mut usize, now: usize) {
+        self.gave_back |= now < *charged;
         self.used = self.used - *charged + now;
         *charged = now;
     }
@@ -68,22 +78,33 @@ impl Budget {
     }
 
     /// Whether idle buffers should be given back now: the budget is spent
-    /// and they were not given back since it last had room.
+    /// and they were not given back since it was last under three quarters
+    /// of its limit (so usage hovering at the limit walks the connections
+    /// once, not at every turn).
     pub(crate) fn should_sweep(&mut self) -> bool {
-        if !self.spent() {
+        self.rearm_sweep();
+        self.spent() && !std::mem::replace(&mut self.swept, true)
+    }
+
+    fn rearm_sweep(&mut self) {
+        if self.used < self.limit / 4 * 3 {
             self.swept = false;
-            return false;
         }
-        !std::mem::replace(&mut self.swept, true)
     }
 
     /// The held connections, to be looked at again (each one either goes
-    /// back to reading or is [`hold`](Self::hold)'s again).
-    pub(crate) fn take_held(&mut self) -> Vec<usize> {
-        if !self.spent() {
-            self.swept = false;
+    /// back to reading or is [`hold`](Self::hold)'s again), if one may
+    /// read now: some connection's charge fell, or the count of open
+    /// connections (which sets every share) changed, since they were last
+    /// looked at.
+    pub(crate) fn take_held(&mut self, conns: usize) -> Option<Vec<usize>> {
+        self.rearm_sweep();
+        if self.held.is_empty() || !(self.gave_back || conns != self.looked_at) {
+            return None;
         }
-        std::mem::take(&mut self.held)
+        self.gave_back = false;
+        self.looked_at = conns;
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -102,24 +123,27 @@ mod tests {
         assert!(!budget.may_grow(big, 2), "the big one holds more than half");
         assert!(budget.may_grow(small, 2), "the small one is still served");
         assert!(budget.spent());
-        assert!(
-            budget.should_sweep(),
-            "idle buffers go once the budget is spent"
-        );
+        assert!(budget.should_sweep(), "idle buffers go once spent");
         assert!(!budget.should_sweep(), "once per time it is spent");
         budget.hold(7);
-        assert_eq!(budget.take_held(), vec![7]);
-        assert!(
-            !budget.may_grow(big, 2),
-            "still above its share: held again"
-        );
+        assert_eq!(budget.take_held(2), Some(vec![7]), "first look");
+        assert!(!budget.may_grow(big, 2), "still above its share");
+        budget.hold(7);
+        assert_eq!(budget.take_held(2), None, "nothing given back since");
+        assert_eq!(budget.take_held(3), Some(vec![7]), "the shares changed");
         budget.hold(7);
         budget.recharge(&mut big, 100);
         assert_eq!(budget.used(), 200);
-        assert!(budget.may_grow(big, 2));
-        assert_eq!(budget.take_held(), vec![7]);
-        assert!(budget.take_held().is_empty());
+        assert!(budget.may_grow(big, 3));
+        assert_eq!(budget.take_held(3), Some(vec![7]), "memory given back");
+        assert_eq!(budget.take_held(3), None, "none held");
         budget.recharge(&mut small, 900);
-        assert!(budget.should_sweep(), "spent again: another sweep");
+        assert!(budget.should_sweep(), "well under, then spent again");
+        budget.recharge(&mut small, 850);
+        budget.recharge(&mut small, 900);
+        assert!(
+            !budget.should_sweep(),
+            "hovering at the limit: no new sweep"
+        );
     }
 }

@@ -162,6 +162,9 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if io.run_commands() {
             break;
         }
+        // Commands (flushes, closes) may have given memory back, and a
+        // round need not follow them before this thread sleeps.
+        io.release_budget_holds();
         // Jobs queued last round (or by commands) wake a worker before this
         // thread may sleep.
         if std::mem::take(&mut io.wake_workers) | super::workers::take_held_wake() {
@@ -173,8 +176,12 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         // After handing work to another thread, with a core to spare, poll
         // without sleeping for a while: its answer (a reply or the next
         // request) then needs no wakeup, on either side.
-        let spinning = io.spin_until.is_some_and(|until| Instant::now() < until)
-            && shared.workers.core_for_io_spin();
+        if io.spin_until.is_some_and(|until| Instant::now() >= until) {
+            io.spin_until = None;
+        }
+        // (While spinning, the zero timeout counts as watching for stalled
+        // workers: `watch` runs after the spin, at most `io_spin` late.)
+        let spinning = io.spin_until.is_some() && shared.workers.core_for_io_spin();
         let timeout = if !io.again.is_empty() || spinning {
             Some(Duration::ZERO)
         } else if watching {
@@ -727,7 +734,17 @@ impl IoLoop {
             let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
                 return;
             };
+            // Decoding split frames off the buffer: the charge follows.
+            let memory = c.state.memory();
+            self.budget.recharge(&mut c.charged, memory);
             if let Some(hold) = c.state.hold() {
+                // Short of memory, a stopped connection whose input is all
+                // decoded gives its buffer back while it waits.
+                if self.budget.spent() && c.state.release_idle_input() {
+                    let memory = c.state.memory();
+                    self.budget.recharge(&mut c.charged, memory);
+                    self.shared.stats.budget_releases(1);
+                }
                 if hold == Hold::InFlight {
                     // Answers may have come meanwhile; the ones after this
                     // wake the IO thread.
@@ -752,6 +769,7 @@ impl IoLoop {
                 if c.state.release_idle_input() {
                     let memory = c.state.memory();
                     self.budget.recharge(&mut c.charged, memory);
+                    self.shared.stats.budget_releases(1);
                     continue;
                 }
                 if self.budget.should_sweep() {
@@ -812,8 +830,8 @@ impl IoLoop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.state.read_blocked();
-                    if self.budget.spent() {
-                        c.state.release_idle_input();
+                    if self.budget.spent() && c.state.release_idle_input() {
+                        self.shared.stats.budget_releases(1);
                     }
                     let memory = c.state.memory();
                     self.budget.recharge(&mut c.charged, memory);
@@ -925,6 +943,7 @@ impl IoLoop {
                 }
             }
         }
+        self.shared.stats.budget_releases(freed);
         tracing::debug!(
             freed,
             used = self.budget.used(),
@@ -936,15 +955,22 @@ impl IoLoop {
     /// may grow now: all of them once the total is under the budget, else
     /// those whose own charge fell under their share. The rest stay held.
     fn release_budget_holds(&mut self) {
-        let held = self.budget.take_held();
-        if held.is_empty() {
-            return;
-        }
         let conns = self.endpoints.len();
+        // Nothing to look at unless memory was given back (or a connection
+        // opened or closed, which changes every share) since the last look.
+        let Some(held) = self.budget.take_held(conns) else {
+            return;
+        };
         for token in held {
+            // A token whose connection closed may belong to a new one now.
             let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
                 continue;
             };
+            if !c.state.budget_held() {
+                continue;
+            }
+            let memory = c.state.memory();
+            self.budget.recharge(&mut c.charged, memory);
             if self.budget.may_grow(c.charged, conns) {
                 c.state.set_budget_hold(false);
                 self.read(token);

@@ -230,7 +230,8 @@ impl Shared {
         let now = std::time::Instant::now();
         for ready in readies {
             self.record_client(&ready, now);
-            woke |= !ready.is_callback();
+            // (A post's reply wakes nobody.)
+            woke |= !ready.is_callback() && !ready.is_discard();
             if let Some(ready) = self.fire_here(ready) {
                 self.workers.push_callback(ready);
                 queued = true;

@@ -54,6 +54,7 @@ const POLL_WAKEUPS: usize = 18;
 const MEMORY: usize = 19;
 const BUDGET_HOLDS: usize = 20;
 const IN_FLIGHT_HOLDS: usize = 21;
+const BUDGET_RELEASES: usize = 22;
 
 // Caller, worker and timer counters.
 const PACKETS_OUT: usize = 0;
@@ -64,7 +65,7 @@ const UNROUTED: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct Stats {
-    io: Line<22>,
+    io: Line<23>,
     callers: Line<5>,
 }
 
@@ -137,6 +138,9 @@ impl Stats {
     pub(crate) fn in_flight_hold(&self) {
         self.io.add(IN_FLIGHT_HOLDS, 1);
     }
+    pub(crate) fn budget_releases(&self, n: usize) {
+        self.io.add(BUDGET_RELEASES, n as u64);
+    }
     pub(crate) fn packets_out(&self, n: usize) {
         if n > 0 {
             self.callers.add(PACKETS_OUT, n as u64);
@@ -194,6 +198,7 @@ impl Stats {
             memory: self.io.get(MEMORY),
             budget_holds: self.io.get(BUDGET_HOLDS),
             in_flight_holds: self.io.get(IN_FLIGHT_HOLDS),
+            budget_releases: self.io.get(BUDGET_RELEASES),
         }
     }
 }
@@ -281,4 +286,7 @@ pub struct StatsSnapshot {
     /// [`max_in_flight`](crate::TransportBuilder::max_in_flight) requests
     /// unanswered.
     pub in_flight_holds: u64,
+    /// Read buffers given back, empty, because the memory budget was spent
+    /// (an idle connection's buffer costs nothing until its next read).
+    pub budget_releases: u64,
 }

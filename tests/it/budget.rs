@@ -94,11 +94,22 @@ fn peers_that_never_read_share_one_budget_and_others_are_served() {
 /// rather than the held request waiting for its deadline.
 #[test]
 fn idle_buffers_give_way_to_a_connection_held_mid_request() {
+    idle_buffers_give_way(Dispatch::IoThread);
+}
+
+/// The same with replies made on workers (they reach the IO thread as
+/// commands, which may give memory back without a poll round after them).
+#[test]
+fn idle_buffers_give_way_with_worker_dispatch() {
+    idle_buffers_give_way(Dispatch::Workers);
+}
+
+fn idle_buffers_give_way(dispatch: Dispatch) {
     const BUDGET: usize = 256 * 1024;
     const IDLE: usize = 8;
     let server = Transport::builder()
         .workers(1)
-        .dispatch(Dispatch::IoThread)
+        .dispatch(dispatch)
         .read_chunk(READ_CHUNK)
         .memory_budget(BUDGET)
         .start()
@@ -128,6 +139,8 @@ fn idle_buffers_give_way_to_a_connection_held_mid_request() {
     let reply = read_frame(&mut peer).expect("the held request is answered");
     assert_eq!(reply.chid, 77);
     assert_eq!(reply.body, body);
+    // The request went through because buffers were given back.
+    assert!(server.stats().budget_releases > 0, "{:?}", server.stats());
     drop(idle);
     stop(&server);
 }

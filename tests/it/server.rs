@@ -283,7 +283,7 @@ fn every_io_spin_setting_delivers_every_reply_and_stops() {
         let client = Arc::new(ConnectionManager::new(&client_transport));
         for i in 0..100 {
             let body = format!("call {i}");
-            let reply = client.call(addr, Packet::new(1, body.clone()), Some(NEVER));
+            let reply = client.call(addr, Packet::new(1, body.clone()), Some(WAIT_LIMIT));
             assert_eq!(reply.unwrap().body(), body.as_bytes(), "spin {spin:?}");
         }
         // Callbacks on the client's workers, each sending the next request.
@@ -291,7 +291,7 @@ fn every_io_spin_setting_delivers_every_reply_and_stops() {
         chain(&client, addr, 0, 50, done_tx);
         let last = done_rx.recv_timeout(WAIT_LIMIT).expect("the chain ends");
         assert_eq!(last, Ok(50), "spin {spin:?}");
-        let future = client.call_async(addr, Packet::new(1, "future"), Some(NEVER));
+        let future = client.call_async(addr, Packet::new(1, "future"), Some(WAIT_LIMIT));
         let reply = tokio_test::block_on(future.expect("queued")).unwrap();
         assert_eq!(reply.body(), &b"future"[..]);
         stop(&client_transport);
@@ -317,7 +317,7 @@ fn chain(
     let sent = client.send(
         addr,
         Packet::new(1, body.clone()),
-        Some(NEVER),
+        Some(WAIT_LIMIT),
         move |result: Result<Packet, Error>| match result {
             Ok(reply) if reply.body() == body.as_bytes() => chain(&next, addr, i + 1, n, done),
             other => {
