@@ -609,9 +609,6 @@ impl ConnectionManager {
             if conn.is_closed() {
                 return false;
             }
-            // Counted now: this close is no failure and delays nothing.
-            slot.accounted = true;
-            slot.retry_at = None;
             conn
         };
         // After the map lock: failing requests may run callbacks.
@@ -998,10 +995,17 @@ impl ConnectionManager {
         let Some(conn) = &slot.conn else {
             return;
         };
-        let Some((early, closed_at)) = conn.closed_early() else {
+        let Some(ended) = conn.closed_early() else {
             return;
         };
         slot.accounted = true;
+        if ended.by_owner {
+            // No failure and no health proved: the streak stands, and the
+            // next connection opens at once.
+            slot.retry_at = None;
+            return;
+        }
+        let (early, closed_at) = (ended.early, ended.at);
         if early {
             slot.failures = slot.failures.saturating_add(1);
             slot.stats.early_failures += 1;

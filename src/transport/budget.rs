@@ -26,10 +26,10 @@ pub(crate) struct Budget {
     used: usize,
     /// Connections (IO tokens) held because the budget was spent.
     held: Vec<usize>,
-    /// Idle read buffers were given back since the budget was last well
-    /// under its limit (once per time it is spent: that walks every
-    /// connection).
-    swept: bool,
+    /// A connection went idle keeping its read buffer since idle buffers
+    /// were last given back (only then is a walk over every connection
+    /// worth it).
+    kept_idle: bool,
     /// A connection's charge fell since the held ones were last looked at.
     gave_back: bool,
     /// Connections open when the held ones were last looked at.
@@ -42,7 +42,7 @@ impl Budget {
             limit: limit.max(1),
             used: 0,
             held: Vec::new(),
-            swept: false,
+            kept_idle: false,
             gave_back: false,
             looked_at: 0,
         }
@@ -77,19 +77,16 @@ impl Budget {
         self.used >= self.limit
     }
 
-    /// Whether idle buffers should be given back now: the budget is spent
-    /// and they were not given back since it was last under three quarters
-    /// of its limit (so usage hovering at the limit walks the connections
-    /// once, not at every turn).
-    pub(crate) fn should_sweep(&mut self) -> bool {
-        self.rearm_sweep();
-        self.spent() && !std::mem::replace(&mut self.swept, true)
+    /// A connection went idle (nothing left to read) keeping a read buffer.
+    pub(crate) fn kept_idle(&mut self) {
+        self.kept_idle = true;
     }
 
-    fn rearm_sweep(&mut self) {
-        if self.used < self.limit / 4 * 3 {
-            self.swept = false;
-        }
+    /// Whether idle buffers should be given back now: the budget is spent
+    /// and a connection went idle keeping its buffer since they were last
+    /// given back (with none, a walk over the connections finds nothing).
+    pub(crate) fn should_sweep(&mut self) -> bool {
+        self.spent() && std::mem::take(&mut self.kept_idle)
     }
 
     /// The held connections, to be looked at again (each one either goes
@@ -97,8 +94,13 @@ impl Budget {
     /// read now: some connection's charge fell, or the count of open
     /// connections (which sets every share) changed, since they were last
     /// looked at.
+    /// Whether [`take_held`](Self::take_held) would hand out connections
+    /// with the count of open connections unchanged.
+    pub(crate) fn may_release(&self) -> bool {
+        !self.held.is_empty() && self.gave_back
+    }
+
     pub(crate) fn take_held(&mut self, conns: usize) -> Option<Vec<usize>> {
-        self.rearm_sweep();
         if self.held.is_empty() || !(self.gave_back || conns != self.looked_at) {
             return None;
         }
@@ -123,8 +125,10 @@ mod tests {
         assert!(!budget.may_grow(big, 2), "the big one holds more than half");
         assert!(budget.may_grow(small, 2), "the small one is still served");
         assert!(budget.spent());
+        assert!(!budget.should_sweep(), "no connection kept an idle buffer");
+        budget.kept_idle();
         assert!(budget.should_sweep(), "idle buffers go once spent");
-        assert!(!budget.should_sweep(), "once per time it is spent");
+        assert!(!budget.should_sweep(), "none went idle since");
         budget.hold(7);
         assert_eq!(budget.take_held(2), Some(vec![7]), "first look");
         assert!(!budget.may_grow(big, 2), "still above its share");
@@ -137,13 +141,12 @@ mod tests {
         assert!(budget.may_grow(big, 3));
         assert_eq!(budget.take_held(3), Some(vec![7]), "memory given back");
         assert_eq!(budget.take_held(3), None, "none held");
-        budget.recharge(&mut small, 900);
-        assert!(budget.should_sweep(), "well under, then spent again");
-        budget.recharge(&mut small, 850);
+        budget.kept_idle();
+        assert!(!budget.should_sweep(), "not spent");
         budget.recharge(&mut small, 900);
         assert!(
-            !budget.should_sweep(),
-            "hovering at the limit: no new sweep"
+            budget.should_sweep(),
+            "spent again, with an idle buffer kept"
         );
     }
 }

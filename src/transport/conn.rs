@@ -44,6 +44,9 @@ pub(crate) struct ConnState {
     responded: bool,
     /// Closed before it proved healthy (clients; set when closed).
     ended_early: bool,
+    /// Closed by its owner (`disconnect`, a handle's `close`): no word on
+    /// the peer's health either way.
+    closed_by_owner: bool,
     /// When it closed.
     closed_at: Option<Instant>,
     /// Why it closed (what `close` was given: an I/O error, a bad frame,
@@ -66,6 +69,16 @@ pub(crate) struct ConnState {
     /// Submitters blocked in `room` until a request slot frees: whoever
     /// frees one (or closes) notifies them after releasing the lock.
     room_waiters: usize,
+}
+
+/// How a client connection ended, for its manager's reconnect backoff.
+pub(crate) struct Ended {
+    /// Before it proved healthy.
+    pub(crate) early: bool,
+    /// Closed by its owner: says nothing about the peer.
+    pub(crate) by_owner: bool,
+    /// When it closed.
+    pub(crate) at: Instant,
 }
 
 /// A submission the connection refused, with everything handed back.
@@ -149,6 +162,7 @@ impl Conn {
                 opened_at: None,
                 responded: false,
                 ended_early: false,
+                closed_by_owner: false,
                 closed_at: None,
                 cause: None,
                 status,
@@ -332,12 +346,17 @@ impl Conn {
         }
     }
 
-    /// `None` while open; once closed, when, and whether before it proved
-    /// healthy: it never opened, or it closed within the grace with no
-    /// response (always false for server connections).
-    pub(crate) fn closed_early(&self) -> Option<(bool, Instant)> {
+    /// `None` while open; once closed, when, whether by its owner, and
+    /// whether before it proved healthy: it never opened, or it closed
+    /// within the grace with no response (always false for server
+    /// connections and closes by the owner).
+    pub(crate) fn closed_early(&self) -> Option<Ended> {
         let state = self.state.lock();
-        state.closed_at.map(|at| (state.ended_early, at))
+        state.closed_at.map(|at| Ended {
+            early: state.ended_early,
+            by_owner: state.closed_by_owner,
+            at,
+        })
     }
 
     /// Has the timer start connecting at `at` (a reconnect delayed by
@@ -808,6 +827,7 @@ impl Conn {
             }
             let now = Instant::now();
             state.closed_at = Some(now);
+            state.closed_by_owner = by_owner;
             // Our own shutdown or disconnect says nothing about the peer's
             // health.
             if self.side == Side::Client && !by_owner && !matches!(error, Error::Shutdown) {

@@ -164,7 +164,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         }
         // Commands (flushes, closes) may have given memory back, and a
         // round need not follow them before this thread sleeps.
-        io.release_budget_holds();
+        let budget_again = io.release_budget_holds();
         // Jobs queued last round (or by commands) wake a worker before this
         // thread may sleep.
         if std::mem::take(&mut io.wake_workers) | super::workers::take_held_wake() {
@@ -182,7 +182,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         // (While spinning, the zero timeout counts as watching for stalled
         // workers: `watch` runs after the spin, at most `io_spin` late.)
         let spinning = io.spin_until.is_some() && shared.workers.core_for_io_spin();
-        let timeout = if !io.again.is_empty() || spinning {
+        let timeout = if !io.again.is_empty() || spinning || budget_again {
             Some(Duration::ZERO)
         } else if watching {
             Some(super::workers::STALL)
@@ -203,7 +203,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
             continue;
         }
         let polled = io.poll.poll(&mut events, timeout);
-        if spinning && polled.is_ok() && events.is_empty() && io.again.is_empty() {
+        if spinning && polled.is_ok() && events.is_empty() && io.again.is_empty() && !budget_again {
             // Nothing yet: other threads on this core go first, then look
             // again (commands at the top of the loop).
             std::thread::yield_now();
@@ -252,7 +252,8 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if shared.workers.needs_watching() {
             shared.workers.watch(&mut io.progress_seen, Instant::now());
         }
-        io.release_budget_holds();
+        // (If it stopped short, the next turn's look, at the top, goes on.)
+        let _ = io.release_budget_holds();
         shared.stats.set_memory(io.budget.used());
         shared.metrics.server.flush_deferred();
     }
@@ -795,12 +796,18 @@ impl IoLoop {
                 continue;
             }
             reads += 1;
+            // Whether the read buffer was there before this read (an empty
+            // socket's read may allocate one only to give it back).
+            let had_buffer = c.state.memory() > c.state.unwritten();
             let read = c.state.read_from(&mut c.stream, Instant::now());
             if c.state.in_handshake() && !c.stream.is_handshaking() {
                 c.state.handshake_done();
             }
-            let memory = c.state.memory();
-            self.budget.recharge(&mut c.charged, memory);
+            let would_block = matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if !would_block {
+                let memory = c.state.memory();
+                self.budget.recharge(&mut c.charged, memory);
+            }
             match read {
                 Ok(0) => {
                     if c.state.in_handshake() {
@@ -830,7 +837,11 @@ impl IoLoop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.state.read_blocked();
-                    if self.budget.spent() && c.state.release_idle_input() {
+                    if !self.budget.spent() {
+                        if c.state.buffered() == 0 && c.state.memory() > c.state.unwritten() {
+                            self.budget.kept_idle();
+                        }
+                    } else if c.state.release_idle_input() && had_buffer {
                         self.shared.stats.budget_releases(1);
                     }
                     let memory = c.state.memory();
@@ -954,13 +965,26 @@ impl IoLoop {
     /// Reads again from the connections held for the memory budget that
     /// may grow now: all of them once the total is under the budget, else
     /// those whose own charge fell under their share. The rest stay held.
-    fn release_budget_holds(&mut self) {
-        let conns = self.endpoints.len();
-        // Nothing to look at unless memory was given back (or a connection
-        // opened or closed, which changes every share) since the last look.
-        let Some(held) = self.budget.take_held(conns) else {
-            return;
-        };
+    ///
+    /// Returns whether to look again soon (it stopped after a few looks).
+    fn release_budget_holds(&mut self) -> bool {
+        // A connection released late in a pass may bring the total under
+        // the budget for one kept earlier: look again (each look needs
+        // memory given back since the one before; a few per turn).
+        for _ in 0..4 {
+            let conns = self.endpoints.len();
+            // Nothing to look at unless memory was given back (or a
+            // connection opened or closed, which changes every share)
+            // since the last look.
+            let Some(held) = self.budget.take_held(conns) else {
+                return false;
+            };
+            self.look_at_budget_holds(held, conns);
+        }
+        self.budget.may_release()
+    }
+
+    fn look_at_budget_holds(&mut self, held: Vec<usize>, conns: usize) {
         for token in held {
             // A token whose connection closed may belong to a new one now.
             let Some(Endpoint::Conn(c)) = self.endpoints.get_mut(token) else {
@@ -1072,9 +1096,11 @@ impl IoLoop {
         if !was_full && c.state.output_full() {
             tracing::debug!(peer = %c.conn.peer(), unwritten = c.state.unwritten(), "peer is not reading; pausing its input");
         }
-        if was_backlogged && !c.state.backlogged() {
+        if (was_backlogged && !c.state.backlogged()) || (was_full && !c.state.output_full()) {
             // Decoding (and reading) stopped short: no edge will come, and a
-            // draining connection may still hold whole requests.
+            // draining connection may still hold whole requests. (Still
+            // stopped for requests in flight, the read then registers to
+            // hear of their answers.)
             self.again.push(token);
         }
     }

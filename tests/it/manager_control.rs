@@ -187,7 +187,9 @@ fn closing_a_client_connection_by_its_handle_is_no_failure_of_the_server() {
     // The handle of the connection that opened last.
     let opened = Arc::new(std::sync::Mutex::new(None));
     let hook = opened.clone();
-    // A failure would hold the next connection back for a minute or more.
+    // A failure would hold the next connection back for a minute or more;
+    // the long grace keeps the connection unproven however late the hook
+    // runs.
     let client = ConnectionManager::new(&client_transport)
         .with_events(move |conn: &tbnet::ConnectionHandle, event| {
             if event == tbnet::ConnectionEvent::Connected {
@@ -197,6 +199,7 @@ fn closing_a_client_connection_by_its_handle_is_no_failure_of_the_server() {
         .with_backoff(tbnet::Backoff {
             initial: Duration::from_secs(120),
             max: Duration::from_secs(120),
+            grace: Duration::from_secs(120),
             ..tbnet::Backoff::default()
         });
     // Open, and closed before it proved healthy (no response yet).
