@@ -322,3 +322,58 @@ fn requests_dropped_unanswered_by_workers_free_their_in_flight_places() {
         stop(&transport);
     }
 }
+
+/// A connection stopped both for a peer that does not read and at its
+/// in-flight limit: once the peer reads, the answers still owed (here,
+/// dropped responders) must let the rest of its requests in.
+#[test]
+fn a_connection_full_both_ways_reads_on_once_its_output_drains_and_answers_come() {
+    const BIG: usize = 32 << 20;
+    let transport = Transport::builder()
+        .workers(2)
+        // Handled inline: the packet is queued in the same pass that
+        // reaches the in-flight limit, so both limits are met at once.
+        .dispatch(Dispatch::IoThread)
+        .max_in_flight(2)
+        .max_outbound(64 << 10)
+        .start()
+        .unwrap();
+    let held: Arc<Mutex<Vec<Responder>>> = Arc::default();
+    let big = bytes::Bytes::from(vec![b'B'; BIG]);
+    let addr = {
+        let held = held.clone();
+        transport
+            .listen(loopback(), move |request: Packet, responder: Responder| {
+                match request.pcode().0 {
+                    // Held, after sending the client a one-way packet
+                    // larger than the kernel buffers and the output limit
+                    // (no answer: it frees no in-flight place).
+                    2 => {
+                        let post = responder.connection().post(Packet::new(9, big.clone()));
+                        assert!(post.is_ok(), "the one-way packet is queued");
+                        held.lock().unwrap().push(responder);
+                    }
+                    1 => held.lock().unwrap().push(responder),
+                    _ => echo(request, responder),
+                }
+            })
+            .unwrap()
+    };
+    let mut peer = raw_client(addr);
+    // A and C are held (the in-flight limit is reached, and C's packet
+    // fills the output); D waits behind them.
+    let mut burst = frame(1, 1, b"A");
+    burst.extend(frame(3, 2, b"C"));
+    burst.extend(frame(4, 3, b"D"));
+    send_bytes(&mut peer, &burst);
+    // The peer reads the big packet: the output drains while the
+    // connection is still at its in-flight limit.
+    let packet = read_frame(&mut peer).expect("the one-way packet");
+    assert_eq!((packet.chid, packet.body.len()), (0, BIG));
+    assert!(wait_until(WAIT_LIMIT, || held.lock().unwrap().len() == 2));
+    // Both held requests end unanswered: D gets in and is answered.
+    held.lock().unwrap().clear();
+    let reply = read_frame(&mut peer).expect("D is answered");
+    assert_eq!((reply.chid, reply.body), (4, b"D".to_vec()));
+    stop(&transport);
+}
