@@ -200,7 +200,6 @@ fn closing_a_client_connection_by_its_handle_is_no_failure_of_the_server() {
             initial: Duration::from_secs(120),
             max: Duration::from_secs(120),
             grace: Duration::from_secs(120),
-            ..tbnet::Backoff::default()
         });
     // Open, and closed before it proved healthy (no response yet).
     client.connect(server.addr).expect("connect");
