@@ -653,7 +653,6 @@ impl ConnectionManager {
         request: Packet,
         timeout: Option<Duration>,
     ) -> Result<Packet, Error> {
-        let server = server.to_endpoint()?;
         let (wait, completion) = CallWait::new();
         self.submit(server, request, timeout, completion)
             .map_err(SendError::into_parts)
@@ -696,10 +695,6 @@ impl ConnectionManager {
         if self.transport.shared().workers.callbacks_full() {
             return Err(SendError::new(Error::QueueFull, request));
         }
-        let server = match server.to_endpoint() {
-            Ok(server) => server,
-            Err(error) => return Err(SendError::new(error, request)),
-        };
         self.submit(server, request, timeout, completion())
             .map(drop)
     }
@@ -769,10 +764,6 @@ impl ConnectionManager {
         request: Packet,
         timeout: Option<Duration>,
     ) -> Result<ResponseFuture, SendError<Packet>> {
-        let server = match server.to_endpoint() {
-            Ok(server) => server,
-            Err(error) => return Err(SendError::new(error, request)),
-        };
         let (mut future, completion) = ResponseFuture::new();
         let (conn, id) = self.submit(server, request, timeout, completion)?;
         future.attach_cancel(CancelHandle::new(conn, id));
@@ -795,13 +786,6 @@ impl ConnectionManager {
     ) -> Result<usize, SendError<Packet>> {
         let completion = wait.completion();
         let index = wait.registered() - 1;
-        let server = match server.to_endpoint() {
-            Ok(server) => server,
-            Err(error) => {
-                completion.disarm();
-                return Err(SendError::new(error, request));
-            }
-        };
         let (conn, id) = self.submit(server, request, timeout, completion)?;
         wait.attach_cancel(index, CancelHandle::new(conn, id));
         Ok(index)
@@ -823,10 +807,6 @@ impl ConnectionManager {
     /// The message handed back if it could not be queued
     /// ([`Error::QueueFull`], [`Error::Shutdown`], ...).
     pub fn post(&self, server: impl ToEndpoint, message: Packet) -> Result<(), SendError<Packet>> {
-        let server = match server.to_endpoint() {
-            Ok(server) => server,
-            Err(error) => return Err(SendError::new(error, message)),
-        };
         self.submit(server, message, None, Completion::discard())
             .map(drop)
     }
@@ -929,6 +909,22 @@ impl ConnectionManager {
     }
 
     fn submit(
+        &self,
+        server: impl ToEndpoint,
+        request: Packet,
+        timeout: Option<Duration>,
+        completion: Completion,
+    ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
+        match server.to_endpoint() {
+            Ok(server) => self.submit_to(server, request, timeout, completion),
+            Err(error) => {
+                completion.disarm();
+                Err(SendError::new(error, request))
+            }
+        }
+    }
+
+    fn submit_to(
         &self,
         server: SocketAddr,
         request: Packet,
