@@ -463,7 +463,13 @@
 //! [`max_connections`](TransportBuilder::max_connections),
 //! [`read_chunk`](TransportBuilder::read_chunk) or the budget for less.
 //! Kernel socket buffers and TLS session buffers (64 KiB each way per TLS
-//! connection) come on top.
+//! connection) come on top. The bound comes first: a connection held in
+//! the middle of a request larger than its share reads on once memory is
+//! given back (idle connections give back their read buffers while the
+//! budget is spent), but a request larger than the whole budget, or a
+//! budget spent entirely on the partial requests of connections over
+//! their share, waits for those connections' idle timeout. Keep the
+//! budget well above the largest request you accept.
 //!
 //! **What a hostile peer can do.** A wrong flag, a negative or oversized
 //! length, or any bytes that do not parse close that one connection with a
