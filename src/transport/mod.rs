@@ -535,6 +535,13 @@ impl TransportBuilder {
     /// [`std::thread::available_parallelism`] counts them, which honours
     /// affinity masks and CPU quotas), and it yields to other threads
     /// between polls. Never on one core.
+    ///
+    /// The price is CPU time: up to `io_spin` per light round that handed
+    /// work off, so with the default a server answering 10,000 such rounds
+    /// a second may keep up to half a core busy polling (the yields give
+    /// it to any other thread that wants it). Under load rounds are not
+    /// light and nothing is spent; turn it off where idle CPU matters more
+    /// than latency.
     pub fn io_spin(mut self, spin: Duration) -> Self {
         self.config.io_spin = spin.min(Duration::from_millis(10));
         self
