@@ -247,80 +247,17 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 /// allocates next to nothing per request: see the server rows).
 fn client_allocations_per_request(requests: usize) {
     let (server, addr) = server(Dispatch::IoThread);
-    for (name, callbacks) in [
-        ("callback on workers", Dispatch::Workers),
-        ("callback inline", Dispatch::IoThread),
+    for (name, callbacks, shared) in [
+        ("callback on workers", Dispatch::Workers, false),
+        ("callback inline", Dispatch::IoThread, false),
+        ("shared handler on workers", Dispatch::Workers, true),
+        ("shared handler inline", Dispatch::IoThread, true),
     ] {
         let client = Transport::builder().callbacks(callbacks).start().unwrap();
         let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(1024));
         let body = bytes::Bytes::from(vec![b'x'; 64]);
-        let run = |n: usize| {
-            let done = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
-            let depth = 32;
-            let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            fn next(
-                manager: Arc<ConnectionManager>,
-                addr: SocketAddr,
-                body: bytes::Bytes,
-                sent: Arc<std::sync::atomic::AtomicUsize>,
-                done: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
-                n: usize,
-            ) {
-                if sent.fetch_add(1, Ordering::Relaxed) >= n {
-                    *done.0.lock().unwrap() += 1;
-                    done.1.notify_all();
-                    return;
-                }
-                let m = manager.clone();
-                let b = body.clone();
-                manager
-                    .send(
-                        addr,
-                        Packet::new(1, body),
-                        None,
-                        move |r: Result<Packet, tbnet::Error>| {
-                            r.expect("an answer");
-                            next(m, addr, b, sent, done, n);
-                        },
-                    )
-                    .expect("queued");
-            }
-            for _ in 0..depth {
-                next(
-                    manager.clone(),
-                    addr,
-                    body.clone(),
-                    sent.clone(),
-                    done.clone(),
-                    n,
-                );
-            }
-            let mut finished = done.0.lock().unwrap();
-            while *finished < depth {
-                finished = done.1.wait(finished).unwrap();
-            }
-        };
-        client_allocations(name, 32, 20_000, requests, run);
-        client.stop();
-    }
-    for (name, callbacks) in [
-        ("shared handler on workers", Dispatch::Workers),
-        ("shared handler inline", Dispatch::IoThread),
-    ] {
-        let client = Transport::builder().callbacks(callbacks).start().unwrap();
-        let manager = Arc::new(ConnectionManager::new(&client).with_queue_limit(1024));
-        let body = bytes::Bytes::from(vec![b'x'; 64]);
-        let run = |n: usize| {
-            let chain = Chain::new(manager.clone(), addr, body.clone(), n);
-            for _ in 0..CHAIN_DEPTH {
-                chain.next();
-            }
-            let mut finished = chain.done.0.lock().unwrap();
-            while *finished < CHAIN_DEPTH {
-                finished = chain.done.1.wait(finished).unwrap();
-            }
-        };
-        client_allocations(name, 32, 20_000, requests, run);
+        let run = |n: usize| Chain::new(manager.clone(), addr, body.clone(), n, shared).run();
+        client_allocations(name, CHAIN_DEPTH, 20_000, requests, run);
         client.stop();
     }
     for (name, future) in [("call", false), ("future", true)] {
@@ -400,14 +337,16 @@ fn main() {
 /// Requests a [`Chain`] keeps in flight.
 const CHAIN_DEPTH: usize = 32;
 
-/// One [`tbnet::SharedPacketHandler`] for every request of a run: each
-/// response sends the next request, until `n` were sent.
+/// [`CHAIN_DEPTH`] chains of requests, each response sending the next,
+/// until `n` were sent: through one [`tbnet::SharedPacketHandler`] for
+/// every request (`shared`), or a closure per request.
 struct Chain {
     manager: Arc<ConnectionManager>,
     addr: SocketAddr,
     body: bytes::Bytes,
     sent: std::sync::atomic::AtomicUsize,
     n: usize,
+    shared: bool,
     /// Chains that ended, and their waiter.
     done: (std::sync::Mutex<usize>, std::sync::Condvar),
     this: std::sync::Weak<Chain>,
@@ -419,6 +358,7 @@ impl Chain {
         addr: SocketAddr,
         body: bytes::Bytes,
         n: usize,
+        shared: bool,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Chain {
             manager,
@@ -426,6 +366,7 @@ impl Chain {
             body,
             sent: std::sync::atomic::AtomicUsize::new(0),
             n,
+            shared,
             done: Default::default(),
             this: this.clone(),
         })
@@ -439,9 +380,25 @@ impl Chain {
         }
         let this = self.this.upgrade().expect("the run holds its chain");
         let request = Packet::new(1, self.body.clone());
-        (self.manager)
-            .send_shared(self.addr, request, None, &this, 0)
-            .expect("queued");
+        let sent = if self.shared {
+            (self.manager).send_shared(self.addr, request, None, &this, 0)
+        } else {
+            (self.manager).send(self.addr, request, None, move |result| {
+                tbnet::SharedPacketHandler::handle_packet(&*this, result, 0)
+            })
+        };
+        sent.expect("queued");
+    }
+
+    /// Starts the chains and waits until every one ended.
+    fn run(&self) {
+        for _ in 0..CHAIN_DEPTH {
+            self.next();
+        }
+        let mut finished = self.done.0.lock().unwrap();
+        while *finished < CHAIN_DEPTH {
+            finished = self.done.1.wait(finished).unwrap();
+        }
     }
 }
 
