@@ -612,11 +612,7 @@ impl ConnectionManager {
             conn
         };
         // After the map lock: failing requests may run callbacks.
-        drop(conn.close_by_owner());
-        // The IO thread drops the socket (or the pending connect).
-        self.transport
-            .shared()
-            .command(Command::Close(conn, Error::Disconnected));
+        conn.disconnect();
         tracing::debug!(%server, "disconnected by its owner");
         true
     }
@@ -917,10 +913,7 @@ impl ConnectionManager {
     ) -> Result<(Arc<Conn>, ChannelId), SendError<Packet>> {
         match server.to_endpoint() {
             Ok(server) => self.submit_to(server, request, timeout, completion),
-            Err(error) => {
-                completion.disarm();
-                Err(SendError::new(error, request))
-            }
+            Err(error) => Err(Rejected::new(error, request, completion).into()),
         }
     }
 
@@ -939,10 +932,7 @@ impl ConnectionManager {
         for attempt in 0..2 {
             let (conn, default_timeout) = match self.conn(server, false) {
                 Ok(found) => found,
-                Err(error) => {
-                    completion.disarm();
-                    return Err(SendError::new(error, request));
-                }
+                Err(error) => return Err(Rejected::new(error, request, completion).into()),
             };
             let deadline = sent + clamp_wait(timeout.unwrap_or(default_timeout));
             let room_until =
@@ -1001,8 +991,7 @@ impl ConnectionManager {
             slot.retry_at = None;
             return;
         }
-        let (early, closed_at) = (ended.early, ended.at);
-        if early {
+        if ended.early {
             slot.failures = slot.failures.saturating_add(1);
             slot.stats.early_failures += 1;
         } else {
@@ -1010,8 +999,8 @@ impl ConnectionManager {
         }
         slot.stats.failures_in_a_row = slot.failures;
         let delay = self.backoff.delay(slot.failures, jitter_seed());
-        slot.retry_at = Some(closed_at + clamp_wait(delay));
-        if early {
+        slot.retry_at = Some(ended.at + clamp_wait(delay));
+        if ended.early {
             tracing::debug!(peer = %conn.peer(), failures = slot.failures, ?delay, "connection ended before it proved healthy; backing off");
         }
     }

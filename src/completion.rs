@@ -3,8 +3,9 @@
 //! Every pending request owns exactly one [`Completion`]. Whoever removes the
 //! request from its [`ChannelPool`](crate::ChannelPool) fires it, once, with
 //! the response or an [`Error`]. The completion is either a callback
-//! ([`PacketHandler`]), a slot a thread blocks on ([`WaitObject`]), or a slot
-//! an executor polls ([`ResponseFuture`]). A completion dropped without
+//! ([`PacketHandler`], or a [`SharedPacketHandler`] that serves many
+//! requests), a slot a thread blocks on ([`WaitObject`]), or a slot an
+//! executor polls ([`ResponseFuture`]). A completion dropped without
 //! firing fires [`Error::Shutdown`], so no caller can be left waiting.
 
 use std::collections::VecDeque;

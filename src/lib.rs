@@ -378,7 +378,7 @@
 //! | `IServerAdaptor`     | [`ServerAdaptor`] (alias [`IServerAdaptor`]), any `Fn(Packet, Responder)` |
 //! | `IServerAdaptor::handleBatchPacket` | [`BatchAdaptor`], [`Transport::listen_batch`] |
 //! | `IPacketHandler`     | [`PacketHandler`] (alias [`IPacketHandler`]), any `FnOnce(Result<Packet, Error>)` |
-//! | `postPacket(packet, handler, args)` with one handler for many requests | [`ConnectionManager::send_shared`] with a [`SharedPacketHandler`] (no allocation per request) |
+//! | `postPacket(packet, handler, args)` with one handler for many requests | [`ConnectionManager::send_shared`] with a [`SharedPacketHandler`] (no allocation for the handler) |
 //! | `IPacketStreamer` + `IPacketFactory` | [`PacketStreamer`](proto::PacketStreamer) (alias [`IPacketStreamer`]) |
 //! | `DefaultPacketStreamer` | [`proto::DefaultStreamer`] |
 //! | (no equivalent) a connection's requests handled in order on the pool | [`Dispatch::Ordered`] |

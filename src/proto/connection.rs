@@ -325,6 +325,11 @@ impl Connection {
         self.decoder.release_if_idle();
     }
 
+    /// Whether a read buffer is allocated (empty or not).
+    pub fn has_read_buffer(&self) -> bool {
+        self.decoder.capacity() > 0
+    }
+
     /// Lets the read buffer go, whatever its size, if it holds no input;
     /// returns whether that freed memory (for a transport whose memory
     /// budget is spent).

@@ -151,17 +151,20 @@ impl FrameDecoder {
     /// read chunk (a large frame or a burst passed): an idle connection
     /// then costs no more than its next read needs.
     pub fn release_if_idle(&mut self) {
-        if self.filled == 0 && self.buf.capacity() > self.read_chunk {
-            self.buf = BytesMut::new();
-            self.chunk = MIN_READ;
-        }
+        self.release_idle_over(self.read_chunk);
     }
 
     /// Releases the buffer, whatever its size, if nothing is buffered;
     /// returns whether it held memory. For a transport short of memory: an
     /// idle connection then costs nothing until its next read.
     pub fn release_idle(&mut self) -> bool {
-        if self.filled > 0 || self.buf.capacity() == 0 {
+        self.release_idle_over(0)
+    }
+
+    /// Releases the buffer if nothing is buffered and it holds more than
+    /// `keep` bytes; returns whether it did.
+    fn release_idle_over(&mut self, keep: usize) -> bool {
+        if self.filled > 0 || self.buf.capacity() <= keep {
             return false;
         }
         self.buf = BytesMut::new();

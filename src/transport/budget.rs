@@ -89,17 +89,17 @@ impl Budget {
         self.spent() && std::mem::take(&mut self.kept_idle)
     }
 
-    /// The held connections, to be looked at again (each one either goes
-    /// back to reading or is [`hold`](Self::hold)'s again), if one may
-    /// read now: some connection's charge fell, or the count of open
-    /// connections (which sets every share) changed, since they were last
-    /// looked at.
     /// Whether [`take_held`](Self::take_held) would hand out connections
     /// with the count of open connections unchanged.
     pub(crate) fn may_release(&self) -> bool {
         !self.held.is_empty() && self.gave_back
     }
 
+    /// The held connections, to be looked at again (each one either goes
+    /// back to reading or is [`hold`](Self::hold)'s again), if one may
+    /// read now: some connection's charge fell, or the count of open
+    /// connections (which sets every share) changed, since they were last
+    /// looked at.
     pub(crate) fn take_held(&mut self, conns: usize) -> Option<Vec<usize>> {
         if self.held.is_empty() || !(self.gave_back || conns != self.looked_at) {
             return None;

@@ -88,6 +88,16 @@ pub(crate) struct Rejected {
     pub(crate) completion: Completion,
 }
 
+impl Rejected {
+    pub(crate) fn new(error: Error, packet: Packet, completion: Completion) -> Self {
+        Rejected {
+            error,
+            packet,
+            completion,
+        }
+    }
+}
+
 impl From<Rejected> for SendError<Packet> {
     /// The caller's error: the packet handed back, the completion disarmed
     /// (the caller hears of the refusal from this error, not from it).
@@ -292,7 +302,7 @@ impl Conn {
             Some(ready) => {
                 self.shared.stats.pending_removed(1);
                 self.trace_outcomes(std::slice::from_ref(&ready));
-                let _ = self.shared.deliver_all(std::iter::once(ready));
+                self.shared.deliver_all(std::iter::once(ready));
             }
             None => self.shared.stats.late_responses(1),
         }
@@ -805,11 +815,17 @@ impl Conn {
         self.close_as(error, false)
     }
 
-    /// Closed by its owner (`ConnectionManager::disconnect`): pending
-    /// requests fail with `Disconnected`, and the close says nothing about
-    /// the peer's health (it is no early failure). The caller also asks the
-    /// IO thread to drop the socket.
-    pub(crate) fn close_by_owner(&self) -> Outcomes<'_> {
+    /// Closed by its owner (`ConnectionManager::disconnect`, a handle's
+    /// `close`): pending requests fail with `Disconnected` now, the close
+    /// says nothing about the peer's health (it is no early failure), and
+    /// the IO thread is asked to drop the socket (or the pending connect).
+    pub(crate) fn disconnect(self: &Arc<Self>) {
+        // Callbacks of the failed requests run after the lock.
+        drop(self.close_by_owner());
+        (self.shared).command(Command::Close(self.clone(), Error::Disconnected));
+    }
+
+    fn close_by_owner(&self) -> Outcomes<'_> {
         self.close_as(Error::Disconnected, true)
     }
 
@@ -895,7 +911,7 @@ impl Cancel for Conn {
         if let Some(ready) = cancelled {
             self.wake_room_waiters(room_waiters);
             self.shared.stats.pending_removed(1);
-            let _ = self.shared.deliver_all(std::iter::once(ready));
+            self.shared.deliver_all(std::iter::once(ready));
         }
     }
 }

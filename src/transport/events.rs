@@ -239,12 +239,9 @@ impl ConnectionHandle {
         if self.conn.is_closed() {
             return;
         }
-        // The owner's close, as `ConnectionManager::disconnect`: it says
-        // nothing about the peer's health, so a client's reconnect backoff
-        // does not grow. Pending requests fail now; the IO thread then
-        // drops the socket.
-        drop(self.conn.close_by_owner());
-        (self.conn.shared).command(Command::Close(self.conn.clone(), Error::Disconnected));
+        // The owner's close, as `ConnectionManager::disconnect`: a client's
+        // reconnect backoff does not grow.
+        self.conn.disconnect();
     }
 
     /// Closes the connection once everything queued on it so far is

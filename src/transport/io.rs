@@ -92,6 +92,20 @@ struct IoConn {
     awaiting_answers: bool,
 }
 
+impl IoConn {
+    /// The memory budget is spent: gives the read buffer back if it holds
+    /// no input, and charges the connection for what is left. True if it
+    /// held one.
+    fn give_back_input(&mut self, budget: &mut Budget, stats: &super::stats::Stats) -> bool {
+        if !self.state.release_idle_input() {
+            return false;
+        }
+        budget.recharge(&mut self.charged, self.state.memory());
+        stats.budget_releases(1);
+        true
+    }
+}
+
 struct IoLoop {
     shared: Arc<Shared>,
     poll: Poll,
@@ -147,7 +161,7 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         wake_workers: false,
         progress_seen: (0, Instant::now()),
         io_watches: false,
-        spare_core: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+        spare_core: shared.workers.cores() > 1,
         handed_off: false,
         spin_until: None,
     };
@@ -252,8 +266,6 @@ pub(crate) fn run(shared: Arc<Shared>, poll: Poll) {
         if shared.workers.needs_watching() {
             shared.workers.watch(&mut io.progress_seen, Instant::now());
         }
-        // (If it stopped short, the next turn's look, at the top, goes on.)
-        let _ = io.release_budget_holds();
         shared.stats.set_memory(io.budget.used());
         shared.metrics.server.flush_deferred();
     }
@@ -741,10 +753,8 @@ impl IoLoop {
             if let Some(hold) = c.state.hold() {
                 // Short of memory, a stopped connection whose input is all
                 // decoded gives its buffer back while it waits.
-                if self.budget.spent() && c.state.release_idle_input() {
-                    let memory = c.state.memory();
-                    self.budget.recharge(&mut c.charged, memory);
-                    self.shared.stats.budget_releases(1);
+                if self.budget.spent() {
+                    c.give_back_input(&mut self.budget, &self.shared.stats);
                 }
                 if hold == Hold::InFlight {
                     // Answers may have come meanwhile; the ones after this
@@ -767,10 +777,7 @@ impl IoLoop {
                 // Short of memory: this connection's emptied buffer goes
                 // back first, then (once per time the budget is spent)
                 // every idle connection's.
-                if c.state.release_idle_input() {
-                    let memory = c.state.memory();
-                    self.budget.recharge(&mut c.charged, memory);
-                    self.shared.stats.budget_releases(1);
+                if c.give_back_input(&mut self.budget, &self.shared.stats) {
                     continue;
                 }
                 if self.budget.should_sweep() {
@@ -798,16 +805,13 @@ impl IoLoop {
             reads += 1;
             // Whether the read buffer was there before this read (an empty
             // socket's read may allocate one only to give it back).
-            let had_buffer = c.state.memory() > c.state.unwritten();
+            let had_buffer = c.state.has_read_buffer();
             let read = c.state.read_from(&mut c.stream, Instant::now());
             if c.state.in_handshake() && !c.stream.is_handshaking() {
                 c.state.handshake_done();
             }
-            let would_block = matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-            if !would_block {
-                let memory = c.state.memory();
-                self.budget.recharge(&mut c.charged, memory);
-            }
+            // (What the read added is charged at the top of the loop, after
+            // decoding; a close charges nothing.)
             match read {
                 Ok(0) => {
                     if c.state.in_handshake() {
@@ -838,11 +842,14 @@ impl IoLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.state.read_blocked();
                     if !self.budget.spent() {
-                        if c.state.buffered() == 0 && c.state.memory() > c.state.unwritten() {
+                        if c.state.buffered() == 0 && c.state.has_read_buffer() {
                             self.budget.kept_idle();
                         }
-                    } else if c.state.release_idle_input() && had_buffer {
-                        self.shared.stats.budget_releases(1);
+                    } else if had_buffer {
+                        c.give_back_input(&mut self.budget, &self.shared.stats);
+                    } else {
+                        // Allocated by this read only: not memory given back.
+                        c.state.release_idle_input();
                     }
                     let memory = c.state.memory();
                     self.budget.recharge(&mut c.charged, memory);
@@ -947,14 +954,9 @@ impl IoLoop {
         let mut freed = 0;
         for (_, endpoint) in self.endpoints.iter_mut() {
             if let Endpoint::Conn(c) = endpoint {
-                if c.state.release_idle_input() {
-                    let memory = c.state.memory();
-                    self.budget.recharge(&mut c.charged, memory);
-                    freed += 1;
-                }
+                freed += usize::from(c.give_back_input(&mut self.budget, &self.shared.stats));
             }
         }
-        self.shared.stats.budget_releases(freed);
         tracing::debug!(
             freed,
             used = self.budget.used(),

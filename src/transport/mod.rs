@@ -217,7 +217,8 @@ impl Shared {
     /// Fires completions: waiters are woken here; callbacks go to the
     /// worker pool (so user code never runs on the IO or timer thread),
     /// unless the builder asked for them inline. The workers are woken once
-    /// for all the callbacks of the batch.
+    /// for all the callbacks of the batch (on one core, the IO thread holds
+    /// that wake until its round ends).
     ///
     /// Returns whether another thread was given one: a waiter or future
     /// woken, or a callback queued for the workers (not callbacks run

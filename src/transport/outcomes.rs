@@ -47,6 +47,6 @@ impl<'s> Outcomes<'s> {
 
 impl Drop for Outcomes<'_> {
     fn drop(&mut self) {
-        let _ = self.deliver_all();
+        self.deliver_all();
     }
 }

@@ -225,6 +225,11 @@ impl WorkQueues {
         busy + 1 < self.cores
     }
 
+    /// The cores this pool may use.
+    pub(crate) fn cores(&self) -> usize {
+        self.cores
+    }
+
     /// IO thread: whether a core is spare for it to poll without sleeping
     /// (busy workers and the IO thread fit in the cores).
     pub(crate) fn core_for_io_spin(&self) -> bool {
