@@ -371,6 +371,8 @@ fn a_connection_full_both_ways_reads_on_once_its_output_drains_and_answers_come(
     let packet = read_frame(&mut peer).expect("the one-way packet");
     assert_eq!((packet.chid, packet.body.len()), (0, BIG));
     assert!(wait_until(WAIT_LIMIT, || held.lock().unwrap().len() == 2));
+    // D is held back by the in-flight limit, now the only one.
+    assert!(wait_until(WAIT_LIMIT, || transport.stats().in_flight_holds >= 1));
     // Both held requests end unanswered: D gets in and is answered.
     held.lock().unwrap().clear();
     let reply = read_frame(&mut peer).expect("D is answered");

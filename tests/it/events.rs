@@ -361,8 +361,8 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
     let gate = Mutex::new(gate);
     let calls = Arc::new(Mutex::new(0));
     let counted = calls.clone();
-    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let released_in_hook = released.clone();
+    let (entered, hook_blocked) = std::sync::mpsc::channel::<()>();
+    let entered = Mutex::new(entered);
     let hook = move |_: &ConnectionHandle, event: ConnectionEvent| {
         let n = {
             let mut calls = counted.lock().unwrap();
@@ -375,8 +375,8 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
         if n == 2 && event == ConnectionEvent::Connected {
             // Blocks until the test has been answered meanwhile (or gave
             // up: its sender is dropped).
+            let _ = entered.lock().unwrap().send(());
             let _ = gate.lock().unwrap().recv();
-            released_in_hook.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
     let transport = crate::support::transport();
@@ -386,21 +386,20 @@ fn a_panicking_or_slow_hook_holds_up_no_io() {
     let client_transport = crate::support::transport();
     let first = ConnectionManager::new(&client_transport);
     first.call(addr, Packet::new(1, "a"), Some(NEVER)).unwrap();
-    // A second connection, whose hook blocks: requests are still answered
-    // (within a deadline: a hook holding up IO fails the call), while the
-    // hook is still blocked.
+    // A second connection, whose hook blocks: while it is blocked, requests
+    // are still answered (within a deadline: a hook holding up IO fails
+    // the call).
     let second = ConnectionManager::new(&client_transport);
+    second.connect(addr).unwrap();
+    hook_blocked
+        .recv_timeout(WAIT_LIMIT)
+        .expect("the second connection's hook runs and blocks");
     assert_eq!(
         second
             .call(addr, Packet::new(1, "b"), Some(WAIT_LIMIT))
             .unwrap()
             .body(),
         "b"
-    );
-    assert!(wait_until(WAIT_LIMIT, || *calls.lock().unwrap() >= 2));
-    assert!(
-        !released.load(std::sync::atomic::Ordering::SeqCst),
-        "the hook was still blocked when the call was answered"
     );
     release.send(()).unwrap();
     drop(first);

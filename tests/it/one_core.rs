@@ -116,7 +116,7 @@ fn on_one_core_a_blocked_callback_never_holds_up_the_others_of_its_batch() {
                 move |result: Result<Packet, tbnet::Error>| {
                     assert_eq!(result.unwrap().body(), "a");
                     wait_for_second
-                        .recv_timeout(HANG_GUARD)
+                        .recv_timeout(WAIT_LIMIT)
                         .expect("the second callback ran");
                     both_ran.send(()).unwrap();
                 },
@@ -134,7 +134,7 @@ fn on_one_core_a_blocked_callback_never_holds_up_the_others_of_its_batch() {
             )
             .unwrap();
         wait_for_both
-            .recv_timeout(HANG_GUARD)
+            .recv_timeout(WAIT_LIMIT)
             .expect("both callbacks ran");
         stop(&client);
         server.join().unwrap();
